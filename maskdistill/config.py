@@ -1,0 +1,359 @@
+"""One typed, validated config tree for a whole experiment, loaded from YAML with overrides.
+
+Defaults follow the paper (Sec 4.1, A.1-A.3); `configs/*.yaml` change only what differs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeGuard, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+Positive = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[int, Field(ge=0)]
+Precision = Literal["fp32", "bf16"]
+BackboneInit = Literal["moco", "imagenet", "none"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names every bad key and what it allows."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class SyntheticConfig(Section):
+    """Synthetic scenes: objects whose class is a shape and a pattern, colour jittered."""
+
+    num_classes: Annotated[int, Field(ge=1, le=10)] = 6
+    train_images: Positive = 512
+    val_images: Positive = 128
+    image_size: tuple[Annotated[int, Field(ge=16)], Annotated[int, Field(ge=16)]] = (224, 224)
+    min_objects: Annotated[int, Field(ge=1, le=10)] = 1
+    max_objects: Annotated[int, Field(ge=1, le=10)] = 4
+    scale_range: tuple[Fraction, Fraction] = (0.2, 0.5)
+    min_visible: Fraction = Field(0.35, description="least visible share of an occluded object")
+    class_weights: list[Annotated[float, Field(gt=0.0)]] | None = Field(
+        None, description="relative class frequencies (uniform when None), one per class"
+    )
+    seed: NonNegative = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SyntheticConfig:
+        if self.min_objects > self.max_objects:
+            raise ValueError(
+                f"min_objects={self.min_objects} must be <= max_objects={self.max_objects}"
+            )
+        if self.scale_range[0] > self.scale_range[1]:
+            raise ValueError(f"scale_range={self.scale_range} must be (low, high) with low <= high")
+        if self.class_weights is not None and len(self.class_weights) != self.num_classes:
+            raise ValueError(
+                f"class_weights has {len(self.class_weights)} entries, "
+                f"num_classes={self.num_classes} needs one per class"
+            )
+        return self
+
+
+class DataConfig(Section):
+    """Where images come from. `root` is a local path or a URI (s3://, gs://, file://)."""
+
+    kind: Literal["synthetic", "folder", "voc", "coco"] = "synthetic"
+    root: str | None = None
+    train_split: str = Field(
+        "train",
+        description="synthetic: train/val; voc: train_aug/train/val/trainval; "
+        "folder: a subfolder of root ('' for root itself); coco: unused",
+    )
+    val_split: str | None = "val"
+    coco_annotations: str | None = Field(None, description="instances_*.json for kind=coco")
+    coco_image_ids: str | None = Field(None, description="COCO20k id list file (one per line)")
+    max_pixels: Positive = Field(
+        89_478_485, description="larger images are skipped (decompression bombs)"
+    )
+    min_side: Positive = 16
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _root_when_needed(self) -> DataConfig:
+        if self.kind != "synthetic" and not self.root:
+            raise ValueError(f"data.root is required for data.kind={self.kind!r}")
+        if self.kind == "coco" and not self.coco_annotations:
+            raise ValueError("data.coco_annotations is required for data.kind='coco'")
+        return self
+
+
+class BackboneConfig(Section):
+    """Self-supervised ViT for mining: a timm architecture and where its weights come from."""
+
+    arch: str = "vit_small_patch16_224"
+    weights: str = Field(
+        "random",
+        description="'random', 'hub' (timm hub tag, e.g. arch vit_small_patch16_224.dino), "
+        "or a local path / URI to a DINO release .pth, timm state dict or .safetensors",
+    )
+
+
+class MiningConfig(Section):
+    """Sec 3.2: one object mask per image from the last attention block."""
+
+    top_k: Fraction = Field(0.4, description="share of patches kept as proposals (Fig 4: 40%)")
+    cls_heads: list[NonNegative] | None = None
+    seed_component: bool = Field(
+        True, description="keep the 4-connected component holding the seed (authors' release)"
+    )
+    short_side: Positive = 640
+    batch_size: Positive = 32
+    num_gpus: Annotated[float, Field(ge=0.0)] = 1.0
+    concurrency: Positive = 1
+    precision: Precision = "bf16"
+
+
+class ClusteringConfig(Section):
+    """Sec 3.2: CLS features of the mined objects, K-means into pseudo classes."""
+
+    feature: Literal["crop", "masked"] = Field(
+        "crop", description="'crop': CLS of the box crop (release); 'masked': masked image (text)"
+    )
+    num_clusters: Positive | None = Field(None, description="None: the data set's class count")
+    overclustering: Annotated[float, Field(ge=1.0)] = 1.0
+    whiten: bool = False
+    l2_normalize: bool = True
+    n_init: Positive = 10
+    iterations: Positive = 100
+    seed: NonNegative = 0
+    support_split: str | None = None
+
+
+class LRSchedule(Section):
+    """Step schedule with linear warm-up; `base_lr` is for `reference_batch` images per step."""
+
+    base_lr: Annotated[float, Field(gt=0.0)]
+    reference_batch: Positive = 16
+    warmup_iters: NonNegative = 0
+    milestones: list[NonNegative] = []
+    gamma: Fraction = 0.1
+
+
+class DetectorConfig(Section):
+    """Mask R-CNN distilled on the clustered masks (A.1)."""
+
+    arch: Literal["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"] = "maskrcnn_resnet50_fpn"
+    init: BackboneInit = "moco"
+    init_path: str | None = None
+    trainable_backbone_layers: Annotated[int, Field(ge=0, le=5)] = 3
+    train_short_side: tuple[Positive, Positive] = (480, 800)
+    test_short_side: Positive = 800
+    batch_size: Positive = 16
+    max_iters: Positive = 24_000
+    schedule: LRSchedule = LRSchedule(base_lr=0.02, warmup_iters=100, milestones=[20_000, 22_000])
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
+    checkpoint_every: Positive = 1000
+    num_workers: Positive = 1
+    use_gpu: bool = True
+    precision: Precision = "bf16"
+
+
+class PseudoLabelConfig(Section):
+    """Sec 3.3: keep Mask R-CNN candidates with score > tau; fall back to the best one."""
+
+    tau: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    keep_best_when_none: bool = True
+    batch_size: Positive = 8
+
+
+class SegmenterConfig(Section):
+    """DeepLab-v3, dilated ResNet-50, trained with hard pixel mining (Eq 4, Sec 4.1, A.3)."""
+
+    init: BackboneInit = "moco"
+    init_path: str | None = None
+    output_stride: Literal[8, 16] = 8
+    hard_pixel_fraction: Fraction = 0.2
+    epochs: Positive = 45
+    batch_size: Positive = 16
+    schedule: LRSchedule = LRSchedule(base_lr=2e-3, milestones=[40])
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
+    crop_size: Positive = 512
+    scale_range: tuple[Annotated[float, Field(gt=0.0)], Annotated[float, Field(gt=0.0)]] = (
+        0.75,
+        1.25,
+    )
+    rotation_degrees: Annotated[float, Field(ge=0.0, le=180.0)] = 5.0
+    checkpoint_every_epochs: Positive = 1
+    num_workers: Positive = 1
+    use_gpu: bool = True
+    precision: Precision = "bf16"
+
+
+class EvaluationConfig(Section):
+    """Sec 4.1 protocols: Hungarian-matched mIoU, linear probe, mask AP (A.4)."""
+
+    matching: Literal["hungarian", "majority"] = "hungarian"
+    linear_probe: bool = True
+    mask_ap: bool = True
+    crf: bool = False
+    num_overlays: NonNegative = 8
+
+
+class ServeConfig(Section):
+    """HTTP segmentation service."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    max_body_bytes: Positive = 20 * 1024 * 1024
+    max_pixels: Positive = 40_000_000
+    min_replicas: NonNegative = 1
+    max_replicas: Positive = 4
+    max_batch_size: Positive = 8
+    batch_wait_timeout_s: Annotated[float, Field(ge=0.0)] = 0.01
+    num_gpus: Annotated[float, Field(ge=0.0)] = 0.0
+    auth_token_env: str | None = Field(
+        None, description="env var holding a bearer token; unset = no auth"
+    )
+
+
+class ExperimentConfig(Section):
+    """A whole MaskDistill experiment."""
+
+    name: str = "maskdistill"
+    run_dir: str = Field("runs/maskdistill", description="local path or URI of the run directory")
+    seed: NonNegative = 0
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    mining: MiningConfig = MiningConfig()
+    clustering: ClusteringConfig = ClusteringConfig()
+    detector: DetectorConfig = DetectorConfig()
+    pseudo_labels: PseudoLabelConfig = PseudoLabelConfig()
+    segmenter: SegmenterConfig = SegmenterConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    serve: ServeConfig = ServeConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none), for stage manifests."""
+        dumped = self.model_dump(mode="json")
+        chosen = {name: dumped[name] for name in sections} if sections else dumped
+        text = json.dumps(chosen, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read YAML (defaults when None), apply `a.b=c` overrides, validate the whole tree."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file not found: {path}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        raw = loaded or {}
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw, source=source)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`0.5`, `[1, 2]`, `null`)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+
+
+def validate_config(raw: Mapping[str, Any], *, source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [_describe(error) for error in err.errors()]
+        raise ConfigError(f"{source}: invalid config\n  " + "\n  ".join(lines)) from None
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "<root>"
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{key}: unknown key{hint}; allowed keys: {', '.join(allowed)}"
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    allowed_values = _allowed_values(loc)
+    suffix = f"; allowed: {allowed_values}" if allowed_values else ""
+    return f"{key}{shown}: {error['msg']}{suffix}"
+
+
+def _field_at(loc: Iterable[str]) -> tuple[type[BaseModel] | None, Any]:
+    """The model owning the last key of `loc` and that key's field info (None when not found)."""
+    model: type[BaseModel] = ExperimentConfig
+    info = None
+    for part in loc:
+        info = model.model_fields.get(part)
+        if info is None:
+            return None, None
+        if _is_model(info.annotation):
+            model = info.annotation
+    return model, info
+
+
+def _allowed_keys(section: list[str]) -> list[str]:
+    """Keys of the section at `section` (the root when empty)."""
+    model, info = _field_at(section)
+    if model is None or (section and not _is_model(info.annotation)):
+        return []
+    return list(model.model_fields)
+
+
+def _is_model(annotation: Any) -> TypeGuard[type[BaseModel]]:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _allowed_values(loc: list[str]) -> str:
+    _, info = _field_at(loc)
+    if info is None:
+        return ""
+    literals = _literal_values(info.annotation)
+    if literals:
+        return ", ".join(repr(v) for v in literals)
+    bounds = [
+        f"{symbol} {getattr(meta, name)}"
+        for meta in info.metadata
+        for name, symbol in _BOUND_SYMBOLS.items()
+        if getattr(meta, name, None) is not None
+    ]
+    return " and ".join(bounds)
+
+
+_BOUND_SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _literal_values(annotation: Any) -> tuple[Any, ...]:
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    return tuple(v for arg in get_args(annotation) for v in _literal_values(arg))

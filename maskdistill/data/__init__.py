@@ -1,0 +1,64 @@
+"""Data sets by image id: synthetic scenes, image folders / URI prefixes, PASCAL VOC, COCO."""
+
+from __future__ import annotations
+
+from maskdistill.config import DataConfig
+from maskdistill.data.base import (
+    IGNORE_INDEX,
+    Dataset,
+    Sample,
+    SkipLog,
+    Skipped,
+    UnreadableImage,
+    iter_samples,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Dataset",
+    "Sample",
+    "SkipLog",
+    "Skipped",
+    "UnreadableImage",
+    "build_dataset",
+    "iter_samples",
+]
+
+
+def build_dataset(config: DataConfig, split: str) -> Dataset:
+    """The data set `config` describes, for `split` (e.g. config.train_split)."""
+    if config.kind == "synthetic":
+        from maskdistill.data.synthetic import SyntheticScenes
+
+        syn = config.synthetic
+        return SyntheticScenes(
+            split=split,
+            num_images=syn.train_images if split == "train" else syn.val_images,
+            image_size=syn.image_size,
+            num_classes=syn.num_classes,
+            min_objects=syn.min_objects,
+            max_objects=syn.max_objects,
+            scale_range=syn.scale_range,
+            min_visible=syn.min_visible,
+            class_weights=syn.class_weights,
+            seed=syn.seed,
+        )
+    root = config.root or ""  # DataConfig requires a root for every other kind
+    limits = {"max_pixels": config.max_pixels, "min_side": config.min_side}
+    if config.kind == "folder":
+        from maskdistill.data.folder import ImageFolder
+
+        return ImageFolder(f"{root.rstrip('/')}/{split}" if split else root, **limits)
+    if config.kind == "voc":
+        from maskdistill.data.voc import PascalVOC
+
+        return PascalVOC(root, split=split, **limits)
+    from maskdistill.data.coco import COCOInstances
+
+    return COCOInstances(
+        root,
+        annotations=config.coco_annotations or "",
+        image_ids_file=config.coco_image_ids,
+        max_pixels=config.max_pixels,
+        min_side=config.min_side,
+    )

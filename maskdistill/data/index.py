@@ -1,0 +1,66 @@
+"""The `data` stage: read every image of a split once, record sizes and skips, draw a preview."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from maskdistill.data.base import Dataset, Sample, UnreadableImage
+from maskdistill.rundir import RunDir, StageManifest
+from maskdistill.visualize import image_grid, overlay, png_bytes
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("num_instances", pa.int32()),
+    ]
+)
+
+
+def index_split(
+    dataset: Dataset, split: str, run: RunDir, manifest: StageManifest, *, preview: int = 8
+) -> pa.Table:
+    """Write `data/<split>.parquet` (one row per readable image) and `data/preview_<split>.png`."""
+    rows: list[dict[str, object]] = []
+    shown: list[Sample] = []
+    image_ids = dataset.image_ids()
+    for image_id in tqdm(image_ids, desc=f"data:{split}", unit="img"):
+        try:
+            sample = dataset.load(image_id)
+        except UnreadableImage as err:
+            manifest.skip(err.image_id, err.reason)
+            continue
+        masks = sample.instance_masks
+        rows.append(
+            {
+                "image_id": sample.image_id,
+                "height": sample.height,
+                "width": sample.width,
+                "num_instances": None if masks is None else len(masks),
+            }
+        )
+        if len(shown) < preview:
+            shown.append(sample)
+    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    run.write_bytes(sink.getvalue().to_pybytes(), "data", f"{split}.parquet")
+    if shown:
+        run.write_bytes(png_bytes(preview_grid(shown)), "data", f"preview_{split}.png")
+    manifest.inputs += len(image_ids)
+    manifest.outputs += table.num_rows
+    return table
+
+
+def preview_grid(samples: list[Sample], per_row: int = 4) -> np.ndarray:
+    """Each image followed by its ground truth over it (when there is any), `per_row` a row."""
+    tiles = [
+        [s.image] + ([] if s.semantic is None else [overlay(s.image, s.semantic, alpha=0.6)])
+        for s in samples
+    ]
+    rows = [sum(tiles[i : i + per_row], []) for i in range(0, len(tiles), per_row)]
+    return image_grid(rows)

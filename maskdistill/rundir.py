@@ -1,0 +1,148 @@
+"""The run directory (local path or URI) and the stage manifests that make stages resumable."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow.fs as pafs
+
+from maskdistill.config import ExperimentConfig
+from maskdistill.storage import resolve
+
+MANIFEST = "manifest.json"
+TRACKED_PACKAGES = ("maskdistill", "torch", "torchvision", "timm", "numpy", "pyarrow", "ray")
+StageStatus = Literal["missing", "stale", "complete"]
+
+
+class RunDir:
+    """Files under one run directory, through pyarrow filesystems (local, s3://, gs://, ...)."""
+
+    def __init__(self, uri: str) -> None:
+        self.fs, self.root = resolve(uri)
+        self.uri = uri
+        self.fs.create_dir(self.root, recursive=True)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open_input_file(self.path(*parts)) as f:
+            return bytes(f.read())
+
+    def write_bytes(self, data: bytes, *parts: str) -> str:
+        """Write atomically: a reader sees the old file or the whole new one, never a part."""
+        target = self.path(*parts)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        partial = f"{target}.partial-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(partial) as f:
+            f.write(data)
+        self.fs.move(partial, target)
+        return target
+
+    def read_json(self, *parts: str) -> Any:
+        return json.loads(self.read_bytes(*parts))
+
+    def write_json(self, obj: Any, *parts: str) -> str:
+        return self.write_bytes(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)
+
+    def write_config(self, config: ExperimentConfig) -> str:
+        """The resolved config and the code version it ran with, for reproducing the run."""
+        self.write_json({"git_sha": git_sha(), "versions": package_versions()}, "provenance.json")
+        return self.write_bytes(config.to_yaml().encode(), "config.yaml")
+
+
+@dataclass
+class StageManifest:
+    """What a finished stage did: enough to decide whether it must run again."""
+
+    stage: str
+    config_hash: str
+    inputs: int = 0
+    outputs: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    started_at: float = 0.0
+    seconds: float = 0.0
+    git_sha: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def skip(self, image_id: str, reason: str) -> None:
+        self.skipped.append({"image_id": image_id, "reason": reason})
+
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped inputs per reason, with file-specific details cut off after the first colon."""
+        return dict(Counter(s["reason"].split(":")[0] for s in self.skipped))
+
+
+def write_manifest(run: RunDir, manifest: StageManifest) -> str:
+    body = asdict(manifest) | {"skip_counts": manifest.skip_counts}
+    return run.write_json(body, manifest.stage, MANIFEST)
+
+
+def read_manifest(run: RunDir, stage: str) -> StageManifest | None:
+    if not run.exists(stage, MANIFEST):
+        return None
+    body = run.read_json(stage, MANIFEST)
+    body.pop("skip_counts", None)
+    return StageManifest(**body)
+
+
+def stage_status(run: RunDir, stage: str, config_hash: str) -> StageStatus:
+    """'complete' when the stage finished with this config, 'stale' when with another one."""
+    manifest = read_manifest(run, stage)
+    if manifest is None:
+        return "missing"
+    return "complete" if manifest.config_hash == config_hash else "stale"
+
+
+@contextmanager
+def stage_run(run: RunDir, stage: str, config_hash: str) -> Iterator[StageManifest]:
+    """Time a stage; its manifest is written only when the body finishes without error."""
+    manifest = StageManifest(stage=stage, config_hash=config_hash, started_at=time.time())
+    begin = time.perf_counter()
+    yield manifest
+    manifest.seconds = round(time.perf_counter() - begin, 3)
+    manifest.git_sha = git_sha()
+    manifest.versions = package_versions()
+    write_manifest(run, manifest)
+
+
+def git_sha() -> str | None:
+    """The commit of the running code, or None outside a git checkout (e.g. a Ray working dir)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions

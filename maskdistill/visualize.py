@@ -1,0 +1,67 @@
+"""Pictures people look at: label colours, overlays, grids of tiles."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from maskdistill.data.base import IGNORE_INDEX
+
+
+def palette(num_labels: int) -> np.ndarray:
+    """uint8 [max(num_labels, 256), 3]: 0 black, then VOC's bit-pattern colours, 255 white."""
+    colours = np.zeros((max(num_labels, 256), 3), dtype=np.uint8)
+    for label in range(1, colours.shape[0]):
+        value, r, g, b = label, 0, 0, 0
+        for bit in range(8):
+            r |= ((value >> 0) & 1) << (7 - bit)
+            g |= ((value >> 1) & 1) << (7 - bit)
+            b |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        colours[label] = (r, g, b)
+    colours[IGNORE_INDEX] = 255
+    return colours
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] colours of an int label map."""
+    return palette(int(labels.max(initial=0)) + 1)[labels]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend label colours over the image where the label is not background (0)."""
+    blended = image.astype(np.float32)
+    shown = labels > 0
+    blended[shown] = (1 - alpha) * blended[shown] + alpha * colorize(labels)[shown]
+    return blended.round().astype(np.uint8)
+
+
+def image_grid(
+    rows: Sequence[Sequence[np.ndarray]], *, tile: int = 160, gap: int = 4
+) -> np.ndarray:
+    """Tiles (uint8 [H, W, 3]) resized to `tile` px high and laid out row by row on white."""
+    scaled = [[_fit_height(t, tile) for t in row] for row in rows]
+    width = max(sum(t.shape[1] for t in row) + gap * (len(row) + 1) for row in scaled)
+    canvas = np.full((len(rows) * (tile + gap) + gap, width, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(scaled):
+        x = gap
+        for t in row:
+            y = gap + r * (tile + gap)
+            canvas[y : y + tile, x : x + t.shape[1]] = t
+            x += t.shape[1] + gap
+    return canvas
+
+
+def _fit_height(tile: np.ndarray, height: int) -> np.ndarray:
+    width = max(1, round(tile.shape[1] * height / tile.shape[0]))
+    return np.asarray(Image.fromarray(tile).resize((width, height), Image.Resampling.NEAREST))
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG file contents of a uint8 image, for writing through a RunDir."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
