@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from maskdistill.data.base import Dataset, Sample, UnreadableImage
 from maskdistill.rundir import RunDir, StageManifest
-from maskdistill.visualize import image_grid, overlay, png_bytes
+from maskdistill.visualize import colorize, image_grid, png_bytes
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -57,10 +57,7 @@ def index_split(
 
 
 def preview_grid(samples: list[Sample], per_row: int = 4) -> np.ndarray:
-    """Each image followed by its ground truth over it (when there is any), `per_row` a row."""
-    tiles = [
-        [s.image] + ([] if s.semantic is None else [overlay(s.image, s.semantic, alpha=0.6)])
-        for s in samples
-    ]
+    """Each image followed by its ground-truth classes (when there are any), `per_row` a row."""
+    tiles = [[s.image] + ([] if s.semantic is None else [colorize(s.semantic)]) for s in samples]
     rows = [sum(tiles[i : i + per_row], []) for i in range(0, len(tiles), per_row)]
     return image_grid(rows)
