@@ -109,10 +109,20 @@ class MiningConfig(Section):
     seed_component: bool = Field(
         True, description="keep the 4-connected component holding the seed (authors' release)"
     )
-    short_side: Positive = 640
-    batch_size: Positive = 32
-    num_gpus: Annotated[float, Field(ge=0.0)] = 1.0
-    concurrency: Positive = 1
+    short_side: Positive = Field(640, description="shorter image side when mining (Sec 4.1)")
+    batch_size: Positive = Field(32, description="images per ViT forward on one actor")
+    num_gpus: Annotated[float, Field(ge=0.0)] = Field(
+        1.0, description="GPUs per mining actor; 0 mines on CPU"
+    )
+    num_cpus: Annotated[float, Field(gt=0.0)] = Field(
+        1.0,
+        description="CPUs reserved per mining actor; torch runs ceil(num_cpus) threads in it. "
+        "Leave at least 0.5 CPU of the cluster free for the decode tasks.",
+    )
+    concurrency: Positive = Field(1, description="mining actors (one per GPU on a cluster)")
+    shard_size: Positive = Field(
+        1000, description="images per Parquet part; a rerun redoes only unfinished parts"
+    )
     precision: Precision = "bf16"
 
 
@@ -126,6 +136,9 @@ class ClusteringConfig(Section):
     overclustering: Annotated[float, Field(ge=1.0)] = 1.0
     whiten: bool = False
     l2_normalize: bool = True
+    view_size: Annotated[int, Field(ge=16)] = Field(
+        224, description="side of the square object view fed to the ViT for its CLS feature"
+    )
     n_init: Positive = 10
     iterations: Positive = 100
     seed: NonNegative = 0
@@ -237,15 +250,22 @@ class ExperimentConfig(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     serve: ServeConfig = ServeConfig()
 
-    def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections (all when none), for stage manifests."""
+    def section_hash(self, *keys: str) -> str:
+        """Stable hash of the named sections or dotted keys (all when none), for manifests."""
         dumped = self.model_dump(mode="json")
-        chosen = {name: dumped[name] for name in sections} if sections else dumped
+        chosen = {key: _lookup(dumped, key) for key in keys} if keys else dumped
         text = json.dumps(chosen, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -44,8 +44,8 @@ def resize_nearest(mask: Array, size: tuple[int, int]) -> Array:
     Output pixel i takes input pixel floor((i + 0.5) * n_in / n_out), so an integer upscale
     repeats every input pixel exactly `scale` times (a patch becomes an S x S block).
     """
-    rows = _nearest_index(mask.shape[-2], size[0])
-    cols = _nearest_index(mask.shape[-1], size[1])
+    rows = nearest_index(mask.shape[-2], size[0])
+    cols = nearest_index(mask.shape[-1], size[1])
     if isinstance(mask, torch.Tensor):
         return mask[
             ...,
@@ -55,7 +55,8 @@ def resize_nearest(mask: Array, size: tuple[int, int]) -> Array:
     return mask[..., rows[:, None], cols]
 
 
-def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+def nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """For each of `n_out` output pixels, the input pixel `resize_nearest` takes."""
     return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
 
 

@@ -6,9 +6,8 @@ import json
 import platform
 import subprocess
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -17,10 +16,11 @@ from typing import Any, Literal
 
 import pyarrow.fs as pafs
 
+from maskdistill import storage
 from maskdistill.config import ExperimentConfig
-from maskdistill.storage import resolve
 
 MANIFEST = "manifest.json"
+ATTEMPT = "attempt.json"  # the config hash a stage's files under way belong to
 TRACKED_PACKAGES = ("maskdistill", "torch", "torchvision", "timm", "numpy", "pyarrow", "ray")
 StageStatus = Literal["missing", "stale", "complete"]
 
@@ -29,7 +29,7 @@ class RunDir:
     """Files under one run directory, through pyarrow filesystems (local, s3://, gs://, ...)."""
 
     def __init__(self, uri: str) -> None:
-        self.fs, self.root = resolve(uri)
+        self.fs, self.root = storage.resolve(uri)
         self.uri = uri
         self.fs.create_dir(self.root, recursive=True)
 
@@ -39,19 +39,27 @@ class RunDir:
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
+    def list_names(self, *parts: str) -> list[str]:
+        """Names of the files directly under the folder `parts`, sorted."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(*parts)))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+    def uri_of(self, *parts: str) -> str:
+        """`parts` under the run directory as a URI (or local path) for `storage`."""
+        return "/".join([self.uri.rstrip("/"), *parts])
+
     def read_bytes(self, *parts: str) -> bytes:
-        with self.fs.open_input_file(self.path(*parts)) as f:
-            return bytes(f.read())
+        return storage.read_bytes(self.uri_of(*parts))
 
     def write_bytes(self, data: bytes, *parts: str) -> str:
-        """Write atomically: a reader sees the old file or the whole new one, never a part."""
-        target = self.path(*parts)
-        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        partial = f"{target}.partial-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(partial) as f:
-            f.write(data)
-        self.fs.move(partial, target)
-        return target
+        """Write atomically (see `storage.write_bytes`); returns the written path."""
+        storage.write_bytes(self.uri_of(*parts), data)
+        return self.path(*parts)
+
+    def remove(self, *parts: str) -> None:
+        """Delete the folder `parts` and everything under it, if it exists."""
+        if self.exists(*parts):
+            self.fs.delete_dir(self.path(*parts))
 
     def read_json(self, *parts: str) -> Any:
         return json.loads(self.read_bytes(*parts))
@@ -112,7 +120,14 @@ def stage_status(run: RunDir, stage: str, config_hash: str) -> StageStatus:
 
 @contextmanager
 def stage_run(run: RunDir, stage: str, config_hash: str) -> Iterator[StageManifest]:
-    """Time a stage; its manifest is written only when the body finishes without error."""
+    """Time a stage; its manifest is written only when the body finishes without error.
+
+    Output left by an earlier attempt with another config is removed first; output of an
+    interrupted attempt with this config stays, for the stage to resume from.
+    """
+    if run.exists(stage, ATTEMPT) and run.read_json(stage, ATTEMPT)["config_hash"] != config_hash:
+        run.remove(stage)
+    run.write_json({"config_hash": config_hash}, stage, ATTEMPT)
     manifest = StageManifest(stage=stage, config_hash=config_hash, started_at=time.time())
     begin = time.perf_counter()
     yield manifest
@@ -120,6 +135,33 @@ def stage_run(run: RunDir, stage: str, config_hash: str) -> Iterator[StageManife
     manifest.git_sha = git_sha()
     manifest.versions = package_versions()
     write_manifest(run, manifest)
+
+
+def execute(
+    run: RunDir,
+    stage: str,
+    config_hash: str,
+    body: Callable[[StageManifest], None],
+    *,
+    force: bool = False,
+) -> StageManifest | None:
+    """Run `body` as `stage` unless it is complete for this config (None then); print a summary.
+
+    `force` discards the stage's earlier output first.
+    """
+    if force:
+        run.remove(stage)
+    elif stage_status(run, stage, config_hash) == "complete":
+        print(f"{stage}: complete for config {config_hash}, skipped")
+        return None
+    with stage_run(run, stage, config_hash) as manifest:
+        body(manifest)
+    skips = f", {len(manifest.skipped)} skipped {manifest.skip_counts}" if manifest.skipped else ""
+    print(
+        f"{stage}: {manifest.outputs} outputs from {manifest.inputs} inputs{skips} "
+        f"in {manifest.seconds:.1f} s -> {run.path(stage)}"
+    )
+    return manifest
 
 
 def git_sha() -> str | None:

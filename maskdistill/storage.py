@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pyarrow.fs as pafs
 
@@ -13,3 +14,22 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         filesystem, path = pafs.FileSystem.from_uri(uri)
         return filesystem, path
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def read_bytes(uri: str) -> bytes:
+    """The bytes of the file at `uri`; FileNotFoundError naming it when there is none."""
+    filesystem, path = resolve(uri)
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"no such file: {uri!r}")
+    with filesystem.open_input_file(path) as f:
+        return bytes(f.read())
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically: a reader sees the old file or the whole new one, never a part."""
+    filesystem, path = resolve(uri)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    partial = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+    with filesystem.open_output_stream(partial) as f:
+        f.write(data)
+    filesystem.move(partial, path)

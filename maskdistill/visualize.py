@@ -39,6 +39,29 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.nda
     return blended.round().astype(np.uint8)
 
 
+def mask_tile(
+    image: np.ndarray,
+    mask: np.ndarray,
+    box: tuple[int, ...],
+    *,
+    colour: tuple[int, int, int] = (255, 64, 0),
+) -> np.ndarray:
+    """The image with `mask` tinted in `colour` and `box` (x0, y0, x1, y1) outlined in yellow."""
+    tile = image.astype(np.float32)
+    tile[mask] = 0.45 * tile[mask] + 0.55 * np.asarray(colour, dtype=np.float32)
+    tile = tile.round().astype(np.uint8)
+    x0, y0, x1, y1 = box
+    thick = max(1, min(image.shape[:2]) // 100)
+    for rows, cols in (
+        (slice(y0, y0 + thick), slice(x0, x1)),
+        (slice(y1 - thick, y1), slice(x0, x1)),
+        (slice(y0, y1), slice(x0, x0 + thick)),
+        (slice(y0, y1), slice(x1 - thick, x1)),
+    ):
+        tile[rows, cols] = (255, 255, 0)
+    return tile
+
+
 def image_grid(
     rows: Sequence[Sequence[np.ndarray]], *, tile: int = 160, gap: int = 4
 ) -> np.ndarray:

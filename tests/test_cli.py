@@ -27,10 +27,10 @@ def _tiny(run_dir: Path) -> list[str]:
     ]
 
 
-def test_pipeline_runs_data_stage_then_skips_it(
+def test_data_stage_runs_then_skips_itself(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["pipeline", *_tiny(tmp_path)]) == 0
+    assert main(["data", *_tiny(tmp_path)]) == 0
     train = pq.read_table(tmp_path / "data" / "train.parquet").to_pylist()
     assert [row["image_id"] for row in train] == [f"train_{i:06d}" for i in range(5)]
     assert {(row["height"], row["width"]) for row in train} == {(48, 64)}
@@ -42,7 +42,7 @@ def test_pipeline_runs_data_stage_then_skips_it(
     assert manifest is not None and (manifest.inputs, manifest.outputs) == (8, 8)
     assert load_config(tmp_path / "config.yaml").data.synthetic.train_images == 5
     capsys.readouterr()
-    assert main(["pipeline", *_tiny(tmp_path)]) == 0
+    assert main(["data", *_tiny(tmp_path)]) == 0
     assert "data: complete" in capsys.readouterr().out
 
 
@@ -73,6 +73,6 @@ def test_data_stage_counts_planted_bad_files(tmp_path: Path) -> None:
 def test_bad_config_exits_2_naming_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["pipeline", *_tiny(tmp_path), "--set", "mining.top_k=3"]) == 2
+    assert main(["data", *_tiny(tmp_path), "--set", "mining.top_k=3"]) == 2
     assert "mining.top_k = 3" in capsys.readouterr().err
     assert not (tmp_path / "config.yaml").exists()

@@ -109,3 +109,10 @@ def test_yaml_round_trip_and_hash() -> None:
     other = load_config(None, ["mining.top_k=0.35"])
     assert other.section_hash("mining") != config.section_hash("mining")
     assert other.section_hash("data") == config.section_hash("data")
+
+
+def test_hash_of_dotted_keys() -> None:
+    base = load_config()
+    other = load_config(None, ["clustering.n_init=3"])
+    assert base.section_hash("clustering.feature") == other.section_hash("clustering.feature")
+    assert base.section_hash("clustering") != other.section_hash("clustering")

@@ -56,3 +56,15 @@ def test_failed_stage_writes_no_manifest(tmp_path: Path) -> None:
         manifest.inputs = 1
         raise RuntimeError("interrupted")
     assert stage_status(run, "cluster", "abc") == "missing"
+
+
+def test_rerun_with_another_config_clears_old_output(tmp_path: Path) -> None:
+    run = RunDir(str(tmp_path))
+    with pytest.raises(RuntimeError), stage_run(run, "mine", "abc"):
+        run.write_bytes(b"partial", "mine", "part-00000.parquet")
+        raise RuntimeError("interrupted")
+    with stage_run(run, "mine", "abc"):
+        assert run.exists("mine", "part-00000.parquet")  # same config: resume from it
+    with stage_run(run, "mine", "def"):
+        assert not run.exists("mine", "part-00000.parquet")  # other config: start over
+    assert run.list_names("mine") == ["attempt.json", "manifest.json"]

@@ -55,10 +55,10 @@ def build_dataset(config: DataConfig, split: str) -> Dataset:
         return PascalVOC(root, split=split, **limits)
     from maskdistill.data.coco import COCOInstances
 
-    return COCOInstances(
+    return COCOInstances(  # the train split is the id list (COCO20k); any other split: all images
         root,
         annotations=config.coco_annotations or "",
-        image_ids_file=config.coco_image_ids,
+        image_ids_file=config.coco_image_ids if split == config.train_split else None,
         max_pixels=config.max_pixels,
         min_side=config.min_side,
     )

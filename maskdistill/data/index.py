@@ -7,8 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from maskdistill.config import ExperimentConfig
+from maskdistill.data import build_dataset
 from maskdistill.data.base import Dataset, Sample, UnreadableImage
-from maskdistill.rundir import RunDir, StageManifest
+from maskdistill.rundir import RunDir, StageManifest, execute
 from maskdistill.visualize import colorize, image_grid, png_bytes
 
 INDEX_SCHEMA = pa.schema(
@@ -61,3 +63,18 @@ def preview_grid(samples: list[Sample], per_row: int = 4) -> np.ndarray:
     tiles = [[s.image] + ([] if s.semantic is None else [colorize(s.semantic)]) for s in samples]
     rows = [sum(tiles[i : i + per_row], []) for i in range(0, len(tiles), per_row)]
     return image_grid(rows)
+
+
+def run_stage(
+    config: ExperimentConfig, *, preview: int = 8, force: bool = False
+) -> StageManifest | None:
+    """Stage `data`: index every split; None when already complete for this config."""
+    data = config.data
+    splits = dict.fromkeys(s for s in (data.train_split, data.val_split) if s is not None)
+
+    def index_all(manifest: StageManifest) -> None:
+        for split in splits:
+            index_split(build_dataset(data, split), split, run, manifest, preview=preview)
+
+    run = RunDir(config.run_dir)
+    return execute(run, "data", config.section_hash("data"), index_all, force=force)

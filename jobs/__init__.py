@@ -1,0 +1,1 @@
+"""Ray drivers around the Ray-free stages in `maskdistill` (one module per stage)."""

@@ -1,0 +1,48 @@
+"""What every Ray driver shares: the config flags and joining (or starting) a Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import ray
+
+from maskdistill.cli import add_config_args
+from maskdistill.config import ConfigError, ExperimentConfig, load_config
+from maskdistill.rundir import RunDir
+
+
+def connect(**init_kwargs: object) -> None:
+    """Join the cluster a `ray job submit` driver runs on (RAY_ADDRESS), else start Ray here.
+
+    Authentication follows RAY_AUTH_MODE, which Ray reads when it is imported, so it is set by
+    whoever starts the process (Makefile, tests, cluster setup): `token` everywhere in this
+    project; an in-process cluster then keeps its token in ~/.ray/auth_token.
+    """
+    if not ray.is_initialized():
+        ray.init(**init_kwargs)  # type: ignore[arg-type]
+
+
+def start(
+    description: str | None, argv: Sequence[str] | None, *, preview: bool = False
+) -> tuple[ExperimentConfig, argparse.Namespace]:
+    """A driver's validated config (exit 2 naming the bad keys) and flags; the resolved config
+    is written into the run directory."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_args(parser)
+    parser.add_argument("--force", action="store_true", help="rerun even when complete")
+    if preview:
+        parser.add_argument(
+            "--preview", type=int, default=12, help="images in the preview grid (0: none)"
+        )
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    RunDir(config.run_dir).write_config(config)
+    return config, args

@@ -1,0 +1,83 @@
+"""Stage outputs as Parquet parts, one per shard of image ids, so an interrupted stage resumes.
+
+A shard's part is written atomically and last (after its skip list), so a part that exists is
+finished; a rerun redoes only the shards without one. Rows are keyed by `image_id`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from maskdistill.rundir import RunDir
+
+# One mined object mask per image (Sec 3.2); `cluster` is filled by the clustering stage.
+MASK_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("mask_rle", pa.string()),  # COCO RLE counts of a [height, width] mask
+        ("bbox", pa.list_(pa.int32(), 4)),  # x0, y0, x1, y1 in pixel edges
+        ("score", pa.float32()),
+        ("seed_patch", pa.list_(pa.int32(), 2)),  # (row, col) on the patch grid
+        ("seed_box", pa.list_(pa.int32(), 4)),  # that patch on the image, x0, y0, x1, y1
+        ("feature", pa.list_(pa.float32())),
+    ]
+)
+
+
+def shard_ids(image_ids: Sequence[str], shard_size: int) -> list[list[str]]:
+    """Consecutive shards of the sorted ids, so reruns cut the same shards."""
+    ordered = sorted(image_ids)
+    return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:05d}"
+
+
+def finished_shards(run: RunDir, folder: str) -> set[int]:
+    """Indices of shards whose Parquet part exists under `folder`."""
+    if not run.exists(folder):
+        return set()
+    names = run.list_names(folder)
+    return {int(n[5:10]) for n in names if n.startswith("part-") and n.endswith(".parquet")}
+
+
+def write_shard(
+    run: RunDir,
+    folder: str,
+    shard: int,
+    rows: Sequence[dict[str, object]],
+    skipped: Sequence[dict[str, str]],
+    schema: pa.Schema = MASK_SCHEMA,
+) -> None:
+    """Write the shard's skip list, then its rows (by image_id): the part that marks it done."""
+    run.write_json(list(skipped), folder, f"{part_name(shard)}.skipped.json")
+    table = pa.Table.from_pylist(sorted(rows, key=lambda r: str(r["image_id"])), schema=schema)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    run.write_bytes(sink.getvalue(), folder, f"{part_name(shard)}.parquet")
+
+
+def read_parts(run: RunDir, folder: str, schema: pa.Schema = MASK_SCHEMA) -> pa.Table:
+    """All finished parts of `folder` as one table, in shard order."""
+    tables = [
+        pq.read_table(io.BytesIO(run.read_bytes(folder, f"{part_name(i)}.parquet")))
+        for i in sorted(finished_shards(run, folder))
+    ]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_skipped(run: RunDir, folder: str) -> list[dict[str, str]]:
+    """The skip lists of every finished shard of `folder`."""
+    return [
+        entry
+        for i in sorted(finished_shards(run, folder))
+        for entry in json.loads(run.read_bytes(folder, f"{part_name(i)}.skipped.json"))
+    ]
