@@ -55,6 +55,12 @@ def cluster_count(config: ExperimentConfig) -> int:
     )
 
 
+def table_path(config: ExperimentConfig, split: str | None = None) -> tuple[str, str]:
+    """Run-directory parts of a split's labelled-mask table (the train split by default)."""
+    name = config.data.train_split if split is None else split
+    return STAGE, f"{name or 'images'}.parquet"
+
+
 def save_kmeans(run: RunDir, result: KMeansResult) -> None:
     transform = result.transform
     sink = io.BytesIO()
@@ -90,7 +96,7 @@ def cluster_splits(config: ExperimentConfig, run: RunDir, manifest: StageManifes
         labeled = table.append_column("cluster", pa.array(labels, type=pa.int32()))
         sink = io.BytesIO()
         pq.write_table(labeled.cast(LABELED_SCHEMA), sink)
-        run.write_bytes(sink.getvalue(), STAGE, f"{split or 'images'}.parquet")
+        run.write_bytes(sink.getvalue(), *table_path(config, split))
         manifest.inputs += table.num_rows
         manifest.outputs += labeled.num_rows
     sizes = np.bincount(result.labels, minlength=len(result.centroids))

@@ -44,5 +44,7 @@ def start(
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    RunDir(config.run_dir).write_config(config)
+    run = RunDir(config.run_dir)
+    config = config.model_copy(update={"run_dir": run.uri})  # workers may have another cwd
+    run.write_config(config)
     return config, args

@@ -13,30 +13,24 @@ with their reasons, in `mine/manifest.json`.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import ray
 import torch
-from ray.data import ActorPoolStrategy
-from tqdm import tqdm
 
 from jobs.common import connect, start
+from jobs.sharded import ShardedMap, dataset_of, run_sharded
 from maskdistill.backbones import build_backbone
 from maskdistill.clustering import object_views
-from maskdistill.config import DataConfig, ExperimentConfig
-from maskdistill.data import Dataset, UnreadableImage, build_dataset
+from maskdistill.config import ExperimentConfig
 from maskdistill.masks import decode_rle, encode_rle
 from maskdistill.mining import mine_images
 from maskdistill.rundir import RunDir, StageManifest, execute
-from maskdistill.shards import finished_shards, read_parts, read_skipped, shard_ids, write_shard
+from maskdistill.shards import read_parts
 from maskdistill.visualize import image_grid, mask_tile, png_bytes
 
 STAGE = "mine"
-DECODE_BATCH = 16
-DECODE_CPUS = 0.5
 
 
 def config_hash(config: ExperimentConfig) -> str:
@@ -55,43 +49,6 @@ def splits(config: ExperimentConfig) -> list[str]:
     """Train, val and the clustering support split, each mined once."""
     names = (config.data.train_split, config.data.val_split, config.clustering.support_split)
     return list(dict.fromkeys(s for s in names if s is not None))
-
-
-_DATASETS: dict[tuple[str, str], Dataset] = {}
-
-
-def _dataset(data: DataConfig, split: str) -> Dataset:
-    """The split's data set, built once per worker process."""
-    key = (data.model_dump_json(), split)
-    if key not in _DATASETS:
-        _DATASETS[key] = build_dataset(data, split)
-    return _DATASETS[key]
-
-
-def _objects(values: list[Any]) -> np.ndarray:
-    """A 1-D object array, even when the values are equal-shaped arrays."""
-    column = np.empty(len(values), dtype=object)
-    column[:] = values
-    return column
-
-
-def decode(batch: dict[str, np.ndarray], data: DataConfig, split: str) -> dict[str, Any]:
-    """CPU task: image ids -> RGB images; an unreadable one gets an empty image and a reason."""
-    dataset = _dataset(data, split)
-    images, reasons = [], []
-    for image_id in batch["image_id"]:
-        try:
-            images.append(dataset.load(str(image_id)).image)
-            reasons.append("")
-        except UnreadableImage as err:
-            images.append(np.zeros((0, 0, 3), dtype=np.uint8))
-            reasons.append(err.reason)
-    return {
-        "image_id": batch["image_id"],
-        "shard": batch["shard"],
-        "image": _objects(images),
-        "reason": np.array(reasons),
-    }
 
 
 class Miner:
@@ -152,55 +109,22 @@ class Miner:
 
 
 def mine_split(config: ExperimentConfig, run: RunDir, split: str, manifest: StageManifest) -> None:
-    """Mine every unfinished shard of `split`; write each shard as soon as it is complete."""
-    folder = split_folder(split)
-    shards = shard_ids(_dataset(config.data, split).image_ids(), config.mining.shard_size)
-    done = finished_shards(run, folder)
-    pending = {i: ids for i, ids in enumerate(shards) if i not in done}
-    if pending:
-        _mine_shards(config, run, folder, split, pending)
-    table = read_parts(run, folder)
-    manifest.inputs += sum(len(ids) for ids in shards)
-    manifest.outputs += table.num_rows
-    for entry in read_skipped(run, folder):
-        manifest.skip(entry["image_id"], entry["reason"])
-    manifest.metrics[f"{split}_shards"] = len(shards)
-    manifest.metrics[f"{split}_shards_reused"] = len(done)
-
-
-def _mine_shards(
-    config: ExperimentConfig, run: RunDir, folder: str, split: str, pending: dict[int, list[str]]
-) -> None:
-    items = [{"image_id": image_id, "shard": i} for i, ids in pending.items() for image_id in ids]
-    mined = (
-        ray.data.from_items(items)
-        .map_batches(
-            decode,  # type: ignore[arg-type]  # Ray's stub wants a one-argument function
-            fn_kwargs={"data": config.data, "split": split},
-            batch_size=DECODE_BATCH,
-            num_cpus=DECODE_CPUS,
-        )
-        .map_batches(
-            Miner,
-            fn_constructor_kwargs={"config": config},
-            batch_size=config.mining.batch_size,
-            compute=ActorPoolStrategy(size=config.mining.concurrency),
-            num_cpus=config.mining.num_cpus,
-            num_gpus=config.mining.num_gpus,
-        )
+    """Mine every unfinished shard of `split`; each shard is written as soon as it is complete."""
+    spec = ShardedMap(
+        data=config.data,
+        split=split,
+        folder=split_folder(split),
+        shard_size=config.mining.shard_size,
+        actor=Miner,
+        to_row=_mask_row,
+        actor_kwargs={"config": config},
+        batch_size=config.mining.batch_size,
+        concurrency=config.mining.concurrency,
+        num_cpus=config.mining.num_cpus,
+        num_gpus=config.mining.num_gpus,
+        desc=STAGE,
     )
-    rows: dict[int, list[dict[str, object]]] = defaultdict(list)
-    skipped: dict[int, list[dict[str, str]]] = defaultdict(list)
-    with tqdm(total=len(items), desc=f"mine:{split}", unit="img") as progress:
-        for out in mined.iter_rows():
-            shard, image_id = int(out["shard"]), str(out["image_id"])
-            if out["reason"]:
-                skipped[shard].append({"image_id": image_id, "reason": str(out["reason"])})
-            else:
-                rows[shard].append(_mask_row(image_id, out))
-            progress.update()
-            if len(rows[shard]) + len(skipped[shard]) == len(pending[shard]):
-                write_shard(run, folder, shard, rows.pop(shard), skipped.pop(shard, []))
+    run_sharded(run, spec, manifest)
 
 
 def _mask_row(image_id: str, out: dict[str, Any]) -> dict[str, object]:
@@ -236,7 +160,7 @@ def run_stage(
 def write_preview(config: ExperimentConfig, run: RunDir, split: str, count: int) -> str:
     """A grid of the first `count` images of `split`: mask in colour, seed patch boxed."""
     table = read_parts(run, split_folder(split)).slice(0, count).to_pylist()
-    dataset = _dataset(config.data, split)
+    dataset = dataset_of(config.data, split)
     tiles = [
         mask_tile(
             dataset.load(row["image_id"]).image,

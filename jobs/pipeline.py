@@ -3,19 +3,20 @@
     python -m jobs.pipeline --config configs/demo.yaml          # laptop: Ray starts in-process
     ray job submit --working-dir . -- python -m jobs.pipeline --config configs/pascal.yaml
 
-Stages so far: data (index and preview) -> mine (Sec 3.2 masks) -> cluster (K-means).
+Stages so far: data (index and preview) -> mine (Sec 3.2 masks) -> cluster (K-means) ->
+detector (Mask R-CNN, Ray Train) -> distill (Sec 3.3 confident pseudo labels).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from jobs import cluster, mine
+from jobs import cluster, distill, mine, train_detector
 from jobs.common import connect, start
 from maskdistill.data import index
 from maskdistill.rundir import RunDir, read_manifest
 
-STAGES = ("data", mine.STAGE, cluster.STAGE)
+STAGES = ("data", mine.STAGE, cluster.STAGE, train_detector.STAGE, distill.STAGE)
 
 
 def summary(run: RunDir, ran: dict[str, bool]) -> str:
@@ -38,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     connect()
     ran[mine.STAGE] = mine.run_stage(config, force=args.force) is not None
     ran[cluster.STAGE] = cluster.run_stage(config, force=args.force) is not None
+    ran[train_detector.STAGE] = train_detector.run_stage(config, force=args.force) is not None
+    ran[distill.STAGE] = distill.run_stage(config, force=args.force) is not None
     print(summary(RunDir(config.run_dir), ran))
     return 0
 

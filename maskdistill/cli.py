@@ -12,7 +12,13 @@ from collections.abc import Sequence
 
 from maskdistill.config import ConfigError, load_config
 
-RAY_COMMANDS = {"mine": "jobs.mine", "cluster": "jobs.cluster", "pipeline": "jobs.pipeline"}
+RAY_COMMANDS = {
+    "mine": "jobs.mine",
+    "cluster": "jobs.cluster",
+    "train-detector": "jobs.train_detector",
+    "distill": "jobs.distill",
+    "pipeline": "jobs.pipeline",
+}
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("mine", "Sec 3.2: mine one object mask per image (Ray Data)"),
         ("cluster", "Sec 3.2: K-means on the mined objects' features"),
+        ("train-detector", "Sec 3.2: distill a Mask R-CNN on the clustered masks (Ray Train)"),
+        ("distill", "Sec 3.3: confident detector masks -> pseudo-label maps (Ray Data)"),
         ("pipeline", "every stage in order, skipping finished ones"),
     ):
         commands.add_parser(name, help=help_text, add_help=False)

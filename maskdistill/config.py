@@ -156,31 +156,66 @@ class LRSchedule(Section):
 
 
 class DetectorConfig(Section):
-    """Mask R-CNN distilled on the clustered masks (A.1)."""
+    """Mask R-CNN distilled on the clustered masks (Sec 3.2 Eq 3, A.1)."""
 
-    arch: Literal["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"] = "maskrcnn_resnet50_fpn"
-    init: BackboneInit = "moco"
+    arch: Literal["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn"] = (
+        Field("maskrcnn_resnet50_fpn", description="resnet18_fpn: a small one for CPU demos")
+    )
+    init: BackboneInit = Field(
+        "moco", description="'moco': MoCo v2 file at init_path; 'imagenet': torchvision (online)"
+    )
     init_path: str | None = None
-    trainable_backbone_layers: Annotated[int, Field(ge=0, le=5)] = 3
-    train_short_side: tuple[Positive, Positive] = (480, 800)
+    trainable_backbone_layers: Annotated[int, Field(ge=0, le=5)] = Field(
+        3, description="3 freezes the stem and res2, the first two stages (A.1)"
+    )
+    train_short_side: tuple[Positive, Positive] = Field(
+        (480, 800), description="shorter side drawn from [low, high] in steps of 32 (A.1)"
+    )
     test_short_side: Positive = 800
-    batch_size: Positive = 16
+    max_size: Positive = Field(1333, description="cap on the longer side")
+    proposals_per_image: Positive = Field(
+        2000, description="RPN proposals kept per image in training (torchvision default)"
+    )
+    roi_batch_size: Positive = Field(512, description="sampled RoIs per image for the heads")
+    detections_per_image: Positive = Field(100, description="candidates kept per image")
+    batch_size: Positive = Field(16, description="global batch, split evenly over the workers")
     max_iters: Positive = 24_000
     schedule: LRSchedule = LRSchedule(base_lr=0.02, warmup_iters=100, milestones=[20_000, 22_000])
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
     checkpoint_every: Positive = 1000
-    num_workers: Positive = 1
+    num_workers: Positive = Field(1, description="Ray Train workers (one per GPU)")
+    cpus_per_worker: Annotated[float, Field(gt=0.0)] = Field(
+        1.0, description="CPUs per worker; torch runs ceil(cpus_per_worker) threads"
+    )
     use_gpu: bool = True
+    max_failures: NonNegative = Field(
+        2, description="worker-group restarts (from the latest checkpoint) before giving up"
+    )
+    loader_threads: Positive = Field(4, description="threads preparing the next batches")
     precision: Precision = "bf16"
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> DetectorConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of num_workers={self.num_workers}"
+            )
+        return self
 
 
 class PseudoLabelConfig(Section):
-    """Sec 3.3: keep Mask R-CNN candidates with score > tau; fall back to the best one."""
+    """Sec 3.3, 4.1: keep Mask R-CNN candidates with score > tau; fall back to the best one."""
 
-    tau: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    tau: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.9, description="confidence threshold; Fig 5: mIoU plateaus around 0.9"
+    )
     keep_best_when_none: bool = True
-    batch_size: Positive = 8
+    batch_size: Positive = Field(8, description="images per detector forward on one actor")
+    num_gpus: Annotated[float, Field(ge=0.0)] = 1.0
+    num_cpus: Annotated[float, Field(gt=0.0)] = 1.0
+    concurrency: Positive = 1
+    shard_size: Positive = 1000
 
 
 class SegmenterConfig(Section):

@@ -30,7 +30,7 @@ class RunDir:
 
     def __init__(self, uri: str) -> None:
         self.fs, self.root = storage.resolve(uri)
-        self.uri = uri
+        self.uri = uri if "://" in uri else self.root  # absolute, valid in any worker's cwd
         self.fs.create_dir(self.root, recursive=True)
 
     def path(self, *parts: str) -> str:
@@ -41,8 +41,7 @@ class RunDir:
 
     def list_names(self, *parts: str) -> list[str]:
         """Names of the files directly under the folder `parts`, sorted."""
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path(*parts)))
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+        return storage.list_files(self.uri_of(*parts))
 
     def uri_of(self, *parts: str) -> str:
         """`parts` under the run directory as a URI (or local path) for `storage`."""

@@ -33,3 +33,32 @@ def write_bytes(uri: str, data: bytes) -> None:
     with filesystem.open_output_stream(partial) as f:
         f.write(data)
     filesystem.move(partial, path)
+
+
+def append_bytes(uri: str, data: bytes) -> None:
+    """Append to a file (created when missing); object stores have no append, so rewrite there."""
+    filesystem, path = resolve(uri)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "ab") as f:
+            f.write(data)
+        return
+    try:
+        old = read_bytes(uri)
+    except FileNotFoundError:
+        old = b""
+    write_bytes(uri, old + data)
+
+
+def list_files(uri: str) -> list[str]:
+    """Names of the files directly in the folder `uri`, sorted; empty when it does not exist."""
+    filesystem, path = resolve(uri)
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    entries = filesystem.get_file_info(pafs.FileSelector(path))
+    return sorted(e.base_name for e in entries if e.type == pafs.FileType.File)
+
+
+def delete_file(uri: str) -> None:
+    filesystem, path = resolve(uri)
+    filesystem.delete_file(path)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs import mine
+from jobs import mine, sharded
 from maskdistill.masks import decode_rle, mask_to_box
 from maskdistill.rundir import RunDir, read_manifest
 from maskdistill.shards import read_parts
@@ -73,15 +73,15 @@ def test_a_rerun_after_a_crash_mines_only_unfinished_shards(
 ) -> None:
     config = tiny_config(tmp_path, "data.val_split=null")
     written: list[int] = []
-    real_write = mine.write_shard
+    real_write = sharded.write_shard
 
-    def crash_after_first(run, folder, shard, rows, skipped):  # type: ignore[no-untyped-def]
+    def crash_after_first(run, folder, shard, rows, skipped, schema):  # type: ignore[no-untyped-def]
         if written:
             raise RuntimeError("driver killed")
         written.append(shard)
-        real_write(run, folder, shard, rows, skipped)
+        real_write(run, folder, shard, rows, skipped, schema)
 
-    monkeypatch.setattr(mine, "write_shard", crash_after_first)
+    monkeypatch.setattr(sharded, "write_shard", crash_after_first)
     with pytest.raises(RuntimeError, match="driver killed"):
         mine.run_stage(config)
     run = RunDir(str(tmp_path))
@@ -89,7 +89,7 @@ def test_a_rerun_after_a_crash_mines_only_unfinished_shards(
     finished = tmp_path / "mine" / "train" / f"part-{written[0]:05d}.parquet"
     before = (finished.stat().st_mtime_ns, finished.read_bytes())
 
-    monkeypatch.setattr(mine, "write_shard", real_write)
+    monkeypatch.setattr(sharded, "write_shard", real_write)
     manifest = mine.run_stage(config)
     assert manifest is not None
     assert manifest.metrics == {"train_shards": 3, "train_shards_reused": 1}

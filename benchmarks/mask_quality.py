@@ -1,0 +1,67 @@
+"""Mask quality of a finished run against ground truth (A.4, Table 3 a/b: class-agnostic).
+
+    python benchmarks/mask_quality.py runs/demo [--split train]
+
+Rows: the mined masks (one per image, ranked by their CLS-attention share), every detector
+candidate (ranked by detector score), and the confident candidates only (score > tau, or the
+best one per image: what the pseudo labels are made of). Needs a data set with instance masks.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from jobs.distill import PSEUDO_SCHEMA
+from jobs.mine import split_folder
+from maskdistill.config import load_config
+from maskdistill.data import build_dataset
+from maskdistill.evaluation import InstanceSet, mask_ap
+from maskdistill.masks import decode_rle
+from maskdistill.pseudolabels import confident_masks
+from maskdistill.rundir import RunDir
+from maskdistill.shards import read_parts
+
+
+def masks_of(rles: list[str], height: int, width: int) -> np.ndarray:
+    decoded = [decode_rle({"size": [height, width], "counts": r}) for r in rles]
+    return np.stack(decoded) if decoded else np.zeros((0, height, width), dtype=bool)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dir")
+    parser.add_argument("--split", default="train")
+    args = parser.parse_args()
+    run = RunDir(args.run_dir)
+    config = load_config(f"{run.uri}/config.yaml")
+    dataset = build_dataset(config.data, args.split)
+    truth, mined, candidates, confident = [], [], [], []
+    for row in read_parts(run, split_folder(args.split)).to_pylist():
+        sample = dataset.load(row["image_id"])
+        assert sample.instance_masks is not None and sample.instance_classes is not None
+        ones = np.ones(len(sample.instance_masks))
+        truth.append(
+            InstanceSet(row["image_id"], sample.instance_masks, sample.instance_classes, ones)
+        )
+        mask = masks_of([row["mask_rle"]], row["height"], row["width"])
+        mined.append(InstanceSet(row["image_id"], mask, np.zeros(1), np.array([row["score"]])))
+    for row in read_parts(run, f"distill/{args.split}", PSEUDO_SCHEMA).to_pylist():
+        masks = masks_of(row["candidate_rle"], row["height"], row["width"])
+        scores = np.array(row["candidate_score"], dtype=np.float32)
+        classes = np.array(row["candidate_class"])
+        candidates.append(InstanceSet(row["image_id"], masks, classes, scores))
+        keep = confident_masks(scores, tau=config.pseudo_labels.tau)
+        confident.append(InstanceSet(row["image_id"], masks[keep], classes[keep], scores[keep]))
+    print(f"{args.split}: {len(truth)} images, {sum(len(t.masks) for t in truth)} objects")
+    print(f"{'masks':<22} {'count':>6} {'AP':>6} {'AP50':>6} {'AP75':>6}")
+    rows = (("mined", mined), ("detector, all", candidates), ("detector, confident", confident))
+    for name, sets in rows:
+        ap = {k: 100 * v for k, v in mask_ap(truth, sets, class_agnostic=True).items()}
+        count = sum(len(s.masks) for s in sets)
+        print(f"{name:<22} {count:>6} {ap['AP']:>6.1f} {ap['AP50']:>6.1f} {ap['AP75']:>6.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Stage `distill` (Sec 3.3): the trained Mask R-CNN labels every image; confident masks only.
+
+    python -m jobs.distill --config configs/pascal.yaml --set pseudo_labels.concurrency=8
+
+Ray Data runs the detector in an actor pool (`pseudo_labels.num_gpus` each, bf16 on GPU) over
+the train and val images. Each image keeps its candidates with score > `pseudo_labels.tau`, or
+its single most confident one when none passes (Sec 4.1), merged into a semantic map where the
+most confident mask wins. Parts `run_dir/distill/<split>/part-NNNNN.parquet` hold, per image, the
+label map as a PNG, the kept count, and every candidate (RLE, box, score, class) for mask AP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from jobs import train_detector
+from jobs.common import connect, start
+from jobs.mine import splits
+from jobs.sharded import ShardedMap, run_sharded
+from maskdistill.config import ExperimentConfig
+from maskdistill.detector import predict
+from maskdistill.masks import encode_rle
+from maskdistill.pseudolabels import encode_label_map, pseudo_label
+from maskdistill.rundir import RunDir, StageManifest, execute
+
+STAGE = "distill"
+PSEUDO_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("label_png", pa.binary()),  # 0 background, 1 + cluster elsewhere
+        ("kept", pa.int32()),
+        ("best_score", pa.float32()),
+        ("candidate_rle", pa.list_(pa.string())),
+        ("candidate_bbox", pa.list_(pa.list_(pa.float32(), 4))),
+        ("candidate_score", pa.list_(pa.float32())),
+        ("candidate_class", pa.list_(pa.int32())),  # 0-based cluster ids
+    ]
+)
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    return config.section_hash("pseudo_labels") + train_detector.config_hash(config)
+
+
+class Distiller:
+    """GPU actor: the detector stays loaded; each batch gives candidates and pseudo labels."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        labels = config.pseudo_labels
+        torch.set_num_threads(math.ceil(labels.num_cpus))
+        use_gpu = labels.num_gpus > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.bf16 = use_gpu and config.detector.precision == "bf16"
+        self.model = train_detector.load_detector(config, self.device)
+        self.labels = labels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        readable = [i for i, reason in enumerate(batch["reason"]) if not reason]
+        images = [
+            torch.from_numpy(np.ascontiguousarray(batch["image"][i].transpose(2, 0, 1)))
+            .to(self.device)
+            .float()
+            .div_(255)
+            for i in readable
+        ]
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+            candidates = predict(self.model, images) if images else []
+        results: list[dict[str, Any] | None] = [None] * len(batch["image_id"])
+        for i, found in zip(readable, candidates, strict=True):
+            label = pseudo_label(
+                found.masks,
+                found.scores,
+                found.classes,
+                tau=self.labels.tau,
+                keep_best_when_none=self.labels.keep_best_when_none,
+            )
+            results[i] = {
+                "height": label.label_map.shape[0],
+                "width": label.label_map.shape[1],
+                "label_png": encode_label_map(label.label_map),
+                "kept": label.kept,
+                "best_score": label.best_score,
+                "candidate_rle": [encode_rle(m)["counts"] for m in found.masks],
+                "candidate_bbox": found.boxes.tolist(),
+                "candidate_score": found.scores.tolist(),
+                "candidate_class": found.classes.tolist(),
+            }
+        return {
+            "image_id": batch["image_id"],
+            "shard": batch["shard"],
+            "reason": batch["reason"],
+            "result": _objects_of(results),
+        }
+
+
+def _objects_of(values: list[dict[str, Any] | None]) -> np.ndarray:
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
+def _pseudo_row(image_id: str, out: dict[str, Any]) -> dict[str, object]:
+    return {"image_id": image_id, **out["result"]}
+
+
+def distill_split(
+    config: ExperimentConfig, run: RunDir, split: str, manifest: StageManifest
+) -> None:
+    labels = config.pseudo_labels
+    spec = ShardedMap(
+        data=config.data,
+        split=split,
+        folder=f"{STAGE}/{split or 'images'}",
+        shard_size=labels.shard_size,
+        actor=Distiller,
+        to_row=_pseudo_row,
+        actor_kwargs={"config": config},
+        batch_size=labels.batch_size,
+        concurrency=labels.concurrency,
+        num_cpus=labels.num_cpus,
+        num_gpus=labels.num_gpus,
+        schema=PSEUDO_SCHEMA,
+        desc=STAGE,
+    )
+    run_sharded(run, spec, manifest)
+
+
+def run_stage(config: ExperimentConfig, *, force: bool = False) -> StageManifest | None:
+    """Pseudo labels for the train and val images; None when already complete."""
+
+    def distill_all(manifest: StageManifest) -> None:
+        for split in splits(config):
+            distill_split(config, run, split, manifest)
+
+    run = RunDir(config.run_dir)
+    return execute(run, STAGE, config_hash(config), distill_all, force=force)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, args = start(__doc__, argv)
+    connect()
+    run_stage(config, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

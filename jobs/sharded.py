@@ -1,0 +1,146 @@
+"""Ray Data over the image ids of one split, written as resumable Parquet shards.
+
+CPU tasks decode images by id; a pool of actors (GPU models) turns each batch into one output
+row per image; the driver writes every shard as soon as all of its images are back, so a rerun
+after a crash only processes the shards without a part. Unreadable images are counted with
+their reasons in the stage manifest. Rows are joined by `image_id`, never by position.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy
+from tqdm import tqdm
+
+from maskdistill.config import DataConfig
+from maskdistill.data import Dataset, UnreadableImage, build_dataset
+from maskdistill.rundir import RunDir, StageManifest
+from maskdistill.shards import (
+    MASK_SCHEMA,
+    finished_shards,
+    read_parts,
+    read_skipped,
+    shard_ids,
+    write_shard,
+)
+
+DECODE_BATCH = 16
+DECODE_CPUS = 0.5
+_DATASETS: dict[tuple[str, str], Dataset] = {}
+
+
+def dataset_of(data: DataConfig, split: str) -> Dataset:
+    """The split's data set, built once per worker process."""
+    key = (data.model_dump_json(), split)
+    if key not in _DATASETS:
+        _DATASETS[key] = build_dataset(data, split)
+    return _DATASETS[key]
+
+
+def objects(values: list[Any]) -> np.ndarray:
+    """A 1-D object array, even when the values are equal-shaped arrays."""
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
+def decode(batch: dict[str, np.ndarray], data: DataConfig, split: str) -> dict[str, Any]:
+    """CPU task: image ids -> RGB images; an unreadable one gets an empty image and a reason."""
+    dataset = dataset_of(data, split)
+    images, reasons = [], []
+    for image_id in batch["image_id"]:
+        try:
+            images.append(dataset.load(str(image_id)).image)
+            reasons.append("")
+        except UnreadableImage as err:
+            images.append(np.zeros((0, 0, 3), dtype=np.uint8))
+            reasons.append(err.reason)
+    return {
+        "image_id": batch["image_id"],
+        "shard": batch["shard"],
+        "image": objects(images),
+        "reason": np.array(reasons),
+    }
+
+
+@dataclass
+class ShardedMap:
+    """One split through an actor pool into `folder`/part-NNNNN.parquet of `schema`.
+
+    The actor is constructed with `actor_kwargs` and called on batches holding `image_id`,
+    `shard`, `image` and `reason` (empty for readable images); it returns the same keys minus
+    `image`, plus its own columns, which `to_row(image_id, output_row)` turns into a row.
+    """
+
+    data: DataConfig
+    split: str
+    folder: str
+    shard_size: int
+    actor: type
+    to_row: Callable[[str, dict[str, Any]], dict[str, object]]
+    actor_kwargs: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 16
+    concurrency: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    schema: pa.Schema = MASK_SCHEMA
+    desc: str = "map"
+
+
+def run_sharded(run: RunDir, spec: ShardedMap, manifest: StageManifest) -> None:
+    """Process every unfinished shard of the split, then account for all of them."""
+    shards = shard_ids(dataset_of(spec.data, spec.split).image_ids(), spec.shard_size)
+    done = finished_shards(run, spec.folder)
+    pending = {i: ids for i, ids in enumerate(shards) if i not in done}
+    if pending:
+        _process(run, spec, pending)
+    table = read_parts(run, spec.folder, spec.schema)
+    manifest.inputs += sum(len(ids) for ids in shards)
+    manifest.outputs += table.num_rows
+    for entry in read_skipped(run, spec.folder):
+        manifest.skip(entry["image_id"], entry["reason"])
+    name = spec.split or "images"
+    manifest.metrics[f"{name}_shards"] = len(shards)
+    manifest.metrics[f"{name}_shards_reused"] = len(done)
+
+
+def _process(run: RunDir, spec: ShardedMap, pending: dict[int, list[str]]) -> None:
+    items = [{"image_id": image_id, "shard": i} for i, ids in pending.items() for image_id in ids]
+    outputs = (
+        ray.data.from_items(items)
+        .map_batches(
+            decode,  # type: ignore[arg-type]  # Ray's stub wants a one-argument function
+            fn_kwargs={"data": spec.data, "split": spec.split},
+            batch_size=DECODE_BATCH,
+            num_cpus=DECODE_CPUS,
+        )
+        .map_batches(
+            spec.actor,
+            fn_constructor_kwargs=spec.actor_kwargs,
+            batch_size=spec.batch_size,
+            compute=ActorPoolStrategy(size=spec.concurrency),
+            num_cpus=spec.num_cpus,
+            num_gpus=spec.num_gpus,
+        )
+    )
+    rows: dict[int, list[dict[str, object]]] = defaultdict(list)
+    skipped: dict[int, list[dict[str, str]]] = defaultdict(list)
+    with tqdm(total=len(items), desc=f"{spec.desc}:{spec.split}", unit="img") as progress:
+        for out in outputs.iter_rows():
+            shard, image_id = int(out["shard"]), str(out["image_id"])
+            if out["reason"]:
+                skipped[shard].append({"image_id": image_id, "reason": str(out["reason"])})
+            else:
+                rows[shard].append(spec.to_row(image_id, out))
+            progress.update()
+            if len(rows[shard]) + len(skipped[shard]) == len(pending[shard]):
+                write_shard(
+                    run, spec.folder, shard, rows.pop(shard), skipped.pop(shard, []), spec.schema
+                )

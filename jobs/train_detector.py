@@ -1,0 +1,228 @@
+"""Stage `detector` (Sec 3.2 Eq 3, A.1): distill a Mask R-CNN on the clustered masks, Ray Train.
+
+    python -m jobs.train_detector --config configs/pascal.yaml --set detector.num_workers=4
+
+A `TorchTrainer` runs `detector.num_workers` DDP workers (GPUs when `detector.use_gpu`). Each
+iteration every worker draws its share of the global batch by iteration number, so a resumed
+run sees the same data. Rank 0 writes checkpoints (model, optimizer, scheduler, scaler,
+iteration, RNG state) every `detector.checkpoint_every` iterations to
+`run_dir/detector/checkpoints/`, and losses and lr per iteration to `detector/log.jsonl`. A
+failed worker group is restarted up to `detector.max_failures` times and resumes from the latest
+checkpoint; so does a rerun of the job. A NaN or infinite loss stops the run with an error. The
+trained weights end in `detector/model.pt` for the distill stage.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyarrow.parquet as pq
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from jobs import cluster
+from jobs.common import connect, start
+from jobs.sharded import dataset_of
+from maskdistill import storage
+from maskdistill.config import ExperimentConfig
+from maskdistill.detector import MaskTargets, build_detector, collate, detector_losses
+from maskdistill.engine import (
+    Checkpointer,
+    MetricsLog,
+    NonFiniteLoss,
+    Prefetch,
+    TrainSpec,
+    batch_indices,
+    build_scheduler,
+    scaled_lr,
+    train,
+    trainable,
+)
+from maskdistill.rundir import RunDir, StageManifest, execute, read_manifest
+
+STAGE = "detector"
+SIDE_STEP = 32  # train shorter sides: low, low + 32, ..., high (detectron2's choice list)
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    return config.section_hash("detector", "seed") + cluster.config_hash(config)
+
+
+def num_classes(run: RunDir) -> int:
+    """Clusters + 1 (background), from the cluster stage's manifest."""
+    manifest = read_manifest(run, cluster.STAGE)
+    if manifest is None:
+        raise FileNotFoundError(f"no {cluster.STAGE} stage in {run.uri}: run it first")
+    return int(manifest.metrics["clusters"]) + 1
+
+
+def detector_for(config: ExperimentConfig, classes: int) -> torch.nn.Module:
+    det = config.detector
+    low, high = det.train_short_side
+    return build_detector(
+        arch=det.arch,
+        num_classes=classes,
+        init=det.init,
+        init_path=det.init_path,
+        trainable_backbone_layers=det.trainable_backbone_layers,
+        train_short_sides=tuple(range(low, high, SIDE_STEP)) + (high,),
+        test_short_side=det.test_short_side,
+        max_size=det.max_size,
+        rpn_post_nms_top_n_train=det.proposals_per_image,
+        box_batch_size_per_image=det.roi_batch_size,
+        box_detections_per_img=det.detections_per_image,
+    )
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One DDP worker: build, resume, train to `max_iters`, report the last losses."""
+    config: ExperimentConfig = loop_config["config"]
+    det = config.detector
+    torch.set_num_threads(math.ceil(det.cpus_per_worker))
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    run = RunDir(config.run_dir)
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(
+        detector_for(config, num_classes(run)),
+        parallel_strategy_kwargs={"find_unused_parameters": True},
+    )
+    optimizer = torch.optim.SGD(
+        trainable(model.parameters()),
+        lr=scaled_lr(det.schedule, det.batch_size),
+        momentum=det.momentum,
+        weight_decay=det.weight_decay,
+    )
+    rows = pq.read_table(io.BytesIO(run.read_bytes(*cluster.table_path(config)))).to_pylist()
+    samples = MaskTargets(rows, dataset_of(config.data, config.data.train_split), seed=config.seed)
+
+    def batch_at(iteration: int) -> Any:
+        indices = batch_indices(
+            iteration,
+            rank=rank,
+            world_size=world,
+            batch_size=det.batch_size // world,
+            num_samples=len(samples),
+            seed=config.seed,
+        )
+        return collate([samples.load(i, variant=iteration) for i in indices])
+
+    def losses(model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        return detector_losses(
+            model,
+            [image.to(device) for image in images],
+            [{key: value.to(device) for key, value in t.items()} for t in targets],
+        )
+
+    spec = TrainSpec(
+        max_iters=det.max_iters,
+        checkpoint_every=det.checkpoint_every,
+        checkpoints=Checkpointer(run.uri_of(STAGE, "checkpoints")),
+        log=MetricsLog(run.uri_of(STAGE, "log.jsonl")) if rank == 0 else None,
+        batch_at=Prefetch(batch_at, det.loader_threads),
+        losses=losses,
+        device=device,
+        bf16=device.type == "cuda" and det.precision == "bf16",
+        is_main=rank == 0,
+        barrier=_barrier,
+        hooks=loop_config.get("hooks", ()),
+        all_finite=_all_finite(device),
+    )
+    try:
+        last = train(model, optimizer, build_scheduler(optimizer, det.schedule), spec)
+    except NonFiniteLoss as err:
+        ray.train.report({"error": str(err)})
+        return
+    ray.train.report({"iteration": det.max_iters, **last})
+
+
+def _worker_resources(cpus: float, use_gpu: bool) -> dict[str, float]:
+    return {"CPU": cpus, "GPU": 1.0} if use_gpu else {"CPU": cpus}
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _all_finite(device: torch.device) -> Callable[[torch.Tensor], bool]:
+    """Whether the loss is finite on every rank (one scalar all-reduce per iteration)."""
+
+    def check(loss: torch.Tensor) -> bool:
+        flag = torch.tensor([float(math.isfinite(float(loss)))], device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
+
+    return check
+
+
+def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] = ()) -> None:
+    """Run the TorchTrainer; export the final weights to `detector/model.pt`."""
+    det = config.detector
+    run = RunDir(config.run_dir)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config, "hooks": list(hooks)},
+        scaling_config=ScalingConfig(
+            num_workers=det.num_workers,
+            use_gpu=det.use_gpu,
+            resources_per_worker={
+                "CPU": det.cpus_per_worker,
+                **({"GPU": 1} if det.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=STAGE,
+            storage_path=run.uri_of(STAGE, "ray"),
+            failure_config=FailureConfig(max_failures=det.max_failures),
+        ),
+    )
+    metrics = trainer.fit().metrics or {}
+    if "error" in metrics:
+        raise NonFiniteLoss(metrics["error"])
+    latest = Checkpointer(run.uri_of(STAGE, "checkpoints")).latest()
+    assert latest is not None  # train() always checkpoints its last iteration
+    state = Checkpointer.load(latest)
+    export = {"model": state["model"], "num_classes": num_classes(run), "arch": det.arch}
+    buffer = io.BytesIO()
+    torch.save(export, buffer)
+    storage.write_bytes(run.uri_of(STAGE, "model.pt"), buffer.getvalue())
+    manifest.inputs = len(pq.read_table(io.BytesIO(run.read_bytes(*cluster.table_path(config)))))
+    manifest.outputs = det.max_iters
+    manifest.metrics.update({k: float(v) for k, v in metrics.items() if k != "iteration"})
+
+
+def load_detector(config: ExperimentConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The trained detector from `detector/model.pt`, in eval mode."""
+    run = RunDir(config.run_dir)
+    state = torch.load(io.BytesIO(run.read_bytes(STAGE, "model.pt")), map_location="cpu")
+    model = detector_for(config, int(state["num_classes"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def run_stage(
+    config: ExperimentConfig, *, force: bool = False, hooks: Sequence[Any] = ()
+) -> StageManifest | None:
+    """Train the detector; None when already complete for this config."""
+    run = RunDir(config.run_dir)
+    return execute(run, STAGE, config_hash(config), lambda m: fit(config, m, hooks), force=force)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, args = start(__doc__, argv)
+    connect()
+    run_stage(config, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+
+from jobs import cluster, distill, mine, train_detector
+from maskdistill.config import ExperimentConfig
+from maskdistill.engine import MetricsLog, lr_factor, scaled_lr
+from maskdistill.pseudolabels import decode_label_map
+from maskdistill.rundir import RunDir, read_manifest
+from maskdistill.shards import read_parts
+from tests.jobs.conftest import tiny_config
+
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
+
+DETECTOR = (
+    "clustering.num_clusters=3",
+    "detector.arch=maskrcnn_resnet18_fpn",
+    "detector.init=none",
+    "detector.train_short_side=[48, 64]",
+    "detector.test_short_side=48",
+    "detector.max_size=96",
+    "detector.proposals_per_image=50",
+    "detector.roi_batch_size=32",
+    "detector.detections_per_image=10",
+    "detector.batch_size=2",
+    "detector.num_workers=2",
+    "detector.cpus_per_worker=1",
+    "detector.use_gpu=false",
+    "detector.max_iters=6",
+    "detector.checkpoint_every=2",
+    "detector.max_failures=1",
+    "detector.loader_threads=1",
+    "detector.schedule={base_lr: 0.004, reference_batch: 2, warmup_iters: 2, milestones: [5]}",
+    "pseudo_labels.num_gpus=0",
+    "pseudo_labels.batch_size=4",
+    "pseudo_labels.tau=0.5",
+)
+
+
+class FailOnce:
+    """Raises at `iteration` on the first attempt only (a marker file outlives the worker)."""
+
+    def __init__(self, iteration: int, marker: str) -> None:
+        self.iteration, self.marker = iteration, marker
+
+    def __call__(self, iteration: int) -> None:
+        path = Path(self.marker)
+        if iteration == self.iteration and not path.exists():
+            path.write_text("failed once")
+            raise RuntimeError(f"injected failure at iteration {iteration}")
+
+
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
+    config = tiny_config(tmp_path_factory.mktemp("run"), *DETECTOR)
+    mine.run_stage(config, preview=0)
+    cluster.run_stage(config)
+    return config
+
+
+def test_failed_worker_group_resumes_at_the_same_iteration_and_lr(
+    clustered: ExperimentConfig, tmp_path: Path
+) -> None:
+    hook = FailOnce(4, str(tmp_path / "failed"))
+    manifest = train_detector.run_stage(clustered, hooks=[hook])
+    assert manifest is not None and (tmp_path / "failed").exists(), "the failure did happen"
+    run = RunDir(clustered.run_dir)
+    log = MetricsLog(run.uri_of("detector", "log.jsonl")).read()
+    steps = [r for r in log if "event" not in r]
+    assert [r["iteration"] for r in steps] == list(range(6))
+    resumed = [r for r in log if r.get("event") == "resumed"]
+    assert [r["iteration"] for r in resumed] == [4]
+    schedule = clustered.detector.schedule
+    expected = [scaled_lr(schedule, 2) * lr_factor(schedule, i) for i in range(6)]
+    assert [r["lr"] for r in steps] == pytest.approx(expected)
+    assert all(r["loss"] == r["loss"] for r in steps), "finite losses"
+    assert run.exists("detector", "model.pt")
+    assert train_detector.run_stage(clustered) is None, "complete: skipped"
+
+
+def test_distill_writes_one_pseudo_label_row_per_image(clustered: ExperimentConfig) -> None:
+    if read_manifest(RunDir(clustered.run_dir), "detector") is None:
+        train_detector.run_stage(clustered)
+    manifest = distill.run_stage(clustered)
+    assert manifest is not None and manifest.outputs == 16
+    run = RunDir(clustered.run_dir)
+    for split, count in (("train", 12), ("val", 4)):
+        rows = read_parts(run, f"distill/{split}", distill.PSEUDO_SCHEMA).to_pylist()
+        assert sorted(r["image_id"] for r in rows) == [f"{split}_{i:06d}" for i in range(count)]
+        for row in rows:
+            label = decode_label_map(row["label_png"])
+            assert label.shape == (row["height"], row["width"]) == (48, 64)
+            assert set(label.flat) <= {0, 1, 2, 3}
+            assert row["kept"] >= min(1, len(row["candidate_score"]))
+            assert len(row["candidate_rle"]) == len(row["candidate_class"])
