@@ -213,7 +213,8 @@ def train(
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if spec.log is not None:
-            record = {"iteration": iteration, "time": time.time(), "lr": lr, "loss": float(loss)}
+            total = float(loss.detach())
+            record = {"iteration": iteration, "time": time.time(), "lr": lr, "loss": total}
             spec.log.add({**record, **last})
             if iteration % LOG_FLUSH_EVERY == 0:
                 spec.log.flush()
