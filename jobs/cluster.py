@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import mine
-from jobs.common import start
+from jobs.common import stage_main
 from maskdistill.clustering import KMeansResult, assign, fit_kmeans, num_clusters_for
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import build_dataset
@@ -119,9 +119,7 @@ def run_stage(config: ExperimentConfig, *, force: bool = False) -> StageManifest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, args = start(__doc__, argv)
-    run_stage(config, force=args.force)
-    return 0
+    return stage_main(__doc__, argv, run_stage, needs_ray=False)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import ray
 
@@ -48,3 +48,18 @@ def start(
     config = config.model_copy(update={"run_dir": run.uri})  # workers may have another cwd
     run.write_config(config)
     return config, args
+
+
+def stage_main(
+    description: str | None,
+    argv: Sequence[str] | None,
+    run_stage: Callable[..., object],
+    *,
+    needs_ray: bool = True,
+) -> int:
+    """The command line of a one-stage driver: config flags, Ray when needed, the stage."""
+    config, args = start(description, argv)
+    if needs_ray:
+        connect()
+    run_stage(config, force=args.force)
+    return 0

@@ -20,9 +20,9 @@ import pyarrow as pa
 import torch
 
 from jobs import train_detector
-from jobs.common import connect, start
+from jobs.common import stage_main
 from jobs.mine import splits
-from jobs.sharded import ShardedMap, run_sharded
+from jobs.sharded import ShardedMap, objects, run_sharded
 from maskdistill.config import ExperimentConfig
 from maskdistill.detector import predict
 from maskdistill.masks import encode_rle
@@ -97,14 +97,8 @@ class Distiller:
             "image_id": batch["image_id"],
             "shard": batch["shard"],
             "reason": batch["reason"],
-            "result": _objects_of(results),
+            "result": objects(results),
         }
-
-
-def _objects_of(values: list[dict[str, Any] | None]) -> np.ndarray:
-    column = np.empty(len(values), dtype=object)
-    column[:] = values
-    return column
 
 
 def _pseudo_row(image_id: str, out: dict[str, Any]) -> dict[str, object]:
@@ -145,10 +139,7 @@ def run_stage(config: ExperimentConfig, *, force: bool = False) -> StageManifest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, args = start(__doc__, argv)
-    connect()
-    run_stage(config, force=args.force)
-    return 0
+    return stage_main(__doc__, argv, run_stage)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from jobs import cluster
-from jobs.common import connect, start
+from jobs.common import stage_main
 from jobs.sharded import dataset_of
 from maskdistill import storage
 from maskdistill.config import ExperimentConfig
@@ -218,10 +218,7 @@ def run_stage(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, args = start(__doc__, argv)
-    connect()
-    run_stage(config, force=args.force)
-    return 0
+    return stage_main(__doc__, argv, run_stage)
 
 
 if __name__ == "__main__":
