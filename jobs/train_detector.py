@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow.parquet as pq
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from jobs import cluster
 from jobs.common import stage_main
 from jobs.sharded import dataset_of
+from jobs.training import all_finite, barrier, fit_workers
 from maskdistill import storage
 from maskdistill.config import ExperimentConfig
 from maskdistill.detector import MaskTargets, build_detector, collate, detector_losses
@@ -131,9 +130,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         device=device,
         bf16=device.type == "cuda" and det.precision == "bf16",
         is_main=rank == 0,
-        barrier=_barrier,
+        barrier=barrier,
         hooks=loop_config.get("hooks", ()),
-        all_finite=_all_finite(device),
+        all_finite=all_finite(device),
     )
     try:
         last = train(model, optimizer, build_scheduler(optimizer, det.schedule), spec)
@@ -143,51 +142,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ray.train.report({"iteration": det.max_iters, **last})
 
 
-def _worker_resources(cpus: float, use_gpu: bool) -> dict[str, float]:
-    return {"CPU": cpus, "GPU": 1.0} if use_gpu else {"CPU": cpus}
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _all_finite(device: torch.device) -> Callable[[torch.Tensor], bool]:
-    """Whether the loss is finite on every rank (one scalar all-reduce per iteration)."""
-
-    def check(loss: torch.Tensor) -> bool:
-        flag = torch.tensor([float(math.isfinite(float(loss)))], device=device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item() == 1.0)
-
-    return check
-
-
 def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] = ()) -> None:
     """Run the TorchTrainer; export the final weights to `detector/model.pt`."""
     det = config.detector
     run = RunDir(config.run_dir)
-    trainer = TorchTrainer(
+    metrics = fit_workers(
         train_loop_per_worker,
-        train_loop_config={"config": config, "hooks": list(hooks)},
-        scaling_config=ScalingConfig(
-            num_workers=det.num_workers,
-            use_gpu=det.use_gpu,
-            resources_per_worker={
-                "CPU": det.cpus_per_worker,
-                **({"GPU": 1} if det.use_gpu else {}),
-            },
-        ),
-        run_config=RunConfig(
-            name=STAGE,
-            storage_path=run.uri_of(STAGE, "ray"),
-            failure_config=FailureConfig(max_failures=det.max_failures),
-        ),
+        {"config": config, "hooks": list(hooks)},
+        name=STAGE,
+        storage_path=run.uri_of(STAGE, "ray"),
+        num_workers=det.num_workers,
+        use_gpu=det.use_gpu,
+        cpus_per_worker=det.cpus_per_worker,
+        max_failures=det.max_failures,
     )
-    metrics = trainer.fit().metrics or {}
-    if "error" in metrics:
-        raise NonFiniteLoss(metrics["error"])
     latest = Checkpointer(run.uri_of(STAGE, "checkpoints")).latest()
     assert latest is not None  # train() always checkpoints its last iteration
     state = Checkpointer.load(latest)

@@ -1,0 +1,62 @@
+"""The Ray Train shell shared by the training stages: trainer, worker helpers, result check."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from maskdistill.engine import NonFiniteLoss
+
+
+def fit_workers(
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    *,
+    name: str,
+    storage_path: str,
+    num_workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    max_failures: int,
+) -> dict[str, Any]:
+    """Run `loop` on `num_workers` DDP workers; a failed group restarts up to `max_failures`
+    times. Returns rank 0's last report; raises NonFiniteLoss when a worker reported one."""
+    resources = {"CPU": cpus_per_worker, "GPU": 1.0} if use_gpu else {"CPU": cpus_per_worker}
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    metrics: dict[str, Any] = trainer.fit().metrics or {}
+    if "error" in metrics:
+        raise NonFiniteLoss(metrics["error"])
+    return metrics
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_finite(device: torch.device) -> Callable[[torch.Tensor], bool]:
+    """Whether the loss is finite on every rank (one scalar all-reduce per iteration)."""
+
+    def check(loss: torch.Tensor) -> bool:
+        flag = torch.tensor([float(math.isfinite(float(loss)))], device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
+
+    return check
