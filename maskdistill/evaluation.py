@@ -1,16 +1,26 @@
-"""Evaluation protocols (Sec 4.1, A.4). So far: COCO-style mask AP through pycocotools."""
+"""Evaluation protocols (Sec 4.1, A.3, A.4).
+
+Semantic segmentation (Sec 4.1 "Clustering", A.3): a confusion matrix of predicted clusters against
+ground-truth classes, Hungarian (or, for overclustering, majority) matching, per-class IoU and mIoU,
+a Table S2 style per-class table and a confusion heat map. Instances (A.4): COCO-style mask AP
+through pycocotools.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from scipy.optimize import linear_sum_assignment
 
 
 @dataclass
@@ -89,3 +99,169 @@ def _annotations(
                 annotation["score"] = float(score)
             annotations.append(annotation)
     return annotations
+
+
+def confusion_matrix(
+    predicted: np.ndarray,
+    truth: np.ndarray,
+    *,
+    num_predicted: int,
+    num_classes: int,
+    ignore_index: int = 255,
+) -> np.ndarray:
+    """Sec 4.1: int64 [num_predicted, num_classes]; [p, g] counts pixels predicted p, truly g.
+
+    Pixels whose truth is `ignore_index` are left out (their prediction is still range-checked).
+    """
+    if predicted.shape != truth.shape:
+        raise ValueError(f"predicted shape {predicted.shape} != truth shape {truth.shape}")
+    keep = truth != ignore_index
+    _check_range(predicted, num_predicted, "predicted")
+    _check_range(truth[keep], num_classes, "truth")
+    pairs = predicted[keep].astype(np.int64) * num_classes + truth[keep].astype(np.int64)
+    counts = np.bincount(pairs, minlength=num_predicted * num_classes)
+    return counts.reshape(num_predicted, num_classes)
+
+
+def _check_range(values: np.ndarray, size: int, name: str) -> None:
+    outside = values[(values < 0) | (values >= size)]
+    if outside.size:
+        raise ValueError(f"{name} value {outside.flat[0]} outside 0..{size - 1}")
+
+
+def _hungarian_mapping(confusion: np.ndarray) -> np.ndarray:
+    # Sec 4.1 (ii): one-to-one matching of clusters to classes maximising the matched pixels.
+    rows, columns = linear_sum_assignment(-confusion)
+    mapping = np.full(confusion.shape[0], -1, dtype=np.int64)
+    mapping[rows] = columns
+    return mapping
+
+
+def _majority_mapping(confusion: np.ndarray) -> np.ndarray:
+    # Overclustering: each cluster goes to the class it overlaps most; empty clusters to none.
+    return np.where(confusion.sum(axis=1) > 0, confusion.argmax(axis=1), -1).astype(np.int64)
+
+
+_MATCHINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "hungarian": _hungarian_mapping,
+    "majority": _majority_mapping,
+}
+
+
+def remap_confusion(confusion: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """int64 [num_classes, num_classes]: rows summed by `mapping` into classes; -1 rows dropped."""
+    num_predicted, num_classes = confusion.shape
+    mapped = np.flatnonzero(mapping >= 0)
+    assign = np.zeros((num_predicted, num_classes), dtype=np.int64)
+    assign[mapped, mapping[mapped]] = 1
+    return assign.T @ confusion.astype(np.int64)
+
+
+def segmentation_scores(confusion: np.ndarray, *, matching: str = "hungarian") -> dict[str, Any]:
+    """Sec 4.1 (ii), A.3: match clusters to classes, then IoU per class and their mean.
+
+    `confusion[p, g]` as from `confusion_matrix`. Returns `miou` (float, 0..1), `iou` (float
+    [num_classes]) and `mapping` (int [num_predicted], the class of each prediction, -1 for none).
+    Pixels of unmapped predictions count as misses of their true class. A class absent from the
+    ground truth has IoU NaN and is left out of `miou`; a present class never predicted scores 0.
+    """
+    if matching not in _MATCHINGS:
+        raise ValueError(f"matching {matching!r} is not one of {sorted(_MATCHINGS)}")
+    if confusion.ndim != 2:
+        raise ValueError(f"confusion must be 2-D [predicted, truth], got shape {confusion.shape}")
+    mapping = _MATCHINGS[matching](confusion)
+    iou = _class_iou(remap_confusion(confusion, mapping), confusion.sum(axis=0))
+    present = ~np.isnan(iou)
+    miou = float(iou[present].mean()) if present.any() else float("nan")
+    return {"miou": miou, "iou": iou, "mapping": mapping}
+
+
+def _class_iou(remapped: np.ndarray, truth_pixels: np.ndarray) -> np.ndarray:
+    # Sec 4.1: IoU = TP / (TP + FP + FN) = TP / (predicted + truth - TP) per class.
+    hits = np.diag(remapped).astype(np.float64)
+    union = remapped.sum(axis=1) + truth_pixels - hits
+    iou = np.full(len(truth_pixels), np.nan)
+    present = truth_pixels > 0
+    iou[present] = hits[present] / union[present]
+    return iou
+
+
+def per_class_table(scores: dict[str, Any], class_names: Sequence[str]) -> str:
+    """Table S2 layout: a header of class names and "mIoU", one row of IoU in percent (Markdown).
+
+    Classes absent from the ground truth (NaN) show as "-".
+    """
+    iou = np.asarray(scores["iou"], dtype=np.float64)
+    if len(class_names) != len(iou):
+        raise ValueError(f"{len(class_names)} class names for {len(iou)} IoU values")
+    header = ["", *class_names, "mIoU"]
+    values = ["IoU (%)", *(_percent(v) for v in iou), _percent(float(scores["miou"]))]
+    widths = [max(len(h), len(v)) for h, v in zip(header, values, strict=True)]
+    rule = ["-" * (w - 1) + ":" for w in widths]
+    rows = [header, rule, values]
+    return "\n".join(
+        "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
+    )
+
+
+def _percent(value: float) -> str:
+    return "-" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+_CELL = 24
+_PAD = 6
+_MIN_SIDE = 200
+_WHITE = (255, 255, 255)
+_HEAT_STOPS = np.array([0.0, 0.5, 1.0])
+_HEAT_COLOURS = np.array([[20, 24, 82], [214, 46, 38], [255, 236, 96]], dtype=np.float64)
+
+
+def confusion_picture(confusion_remapped: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    """uint8 RGB heat map of the remapped confusion, truth rows normalised to sum 1 (Sec 4.1).
+
+    `confusion_remapped[c, g]` is `remap_confusion`'s [predicted class, truth class]; the picture
+    shows it transposed: truth rows, predicted-class columns, dark blue (0) to yellow (1).
+    """
+    side = len(class_names)
+    if confusion_remapped.shape != (side, side):
+        raise ValueError(f"confusion shape {confusion_remapped.shape} != {side} classes squared")
+    shown = confusion_remapped.T.astype(np.float64)
+    fractions = shown / np.maximum(shown.sum(axis=1, keepdims=True), 1.0)
+    top, left = _grid_origin(class_names)
+    height = max(_MIN_SIDE, top + side * _CELL + _PAD)
+    width = max(_MIN_SIDE, left + side * _CELL + _PAD)
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    cells = np.repeat(np.repeat(_heat(fractions), _CELL, axis=0), _CELL, axis=1)
+    canvas[top : top + side * _CELL, left : left + side * _CELL] = cells
+    picture = Image.fromarray(canvas)
+    _draw_labels(picture, class_names, top, left)
+    return np.asarray(picture, dtype=np.uint8)
+
+
+def _heat(fractions: np.ndarray) -> np.ndarray:
+    channels = [np.interp(fractions, _HEAT_STOPS, _HEAT_COLOURS[:, c]) for c in range(3)]
+    return np.stack(channels, axis=-1).round().astype(np.uint8)
+
+
+def _text_size(text: str) -> tuple[int, int]:
+    _, _, right, bottom = ImageFont.load_default().getbbox(text)
+    return math.ceil(right), math.ceil(bottom)
+
+
+def _grid_origin(class_names: Sequence[str]) -> tuple[int, int]:
+    """(top, left) pixel of the grid: past the column labels (rotated) and the row labels."""
+    longest = max((_text_size(n)[0] for n in class_names), default=0)
+    return 2 * _PAD + longest, 2 * _PAD + longest
+
+
+def _draw_labels(picture: Image.Image, class_names: Sequence[str], top: int, left: int) -> None:
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(picture)
+    for i, name in enumerate(class_names):
+        width, height = _text_size(name)
+        centre = i * _CELL + (_CELL - height) // 2
+        draw.text((left - _PAD - width, top + centre), name, fill=(0, 0, 0), font=font)
+        label = Image.new("RGB", (max(width, 1), max(height, 1)), _WHITE)
+        ImageDraw.Draw(label).text((0, 0), name, fill=(0, 0, 0), font=font)
+        rotated = label.rotate(90, expand=True)
+        picture.paste(rotated, (left + centre, top - _PAD - rotated.height))

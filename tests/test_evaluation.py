@@ -1,7 +1,16 @@
 import numpy as np
 import pytest
 
-from maskdistill.evaluation import InstanceSet, mask_ap
+from maskdistill.evaluation import (
+    InstanceSet,
+    _grid_origin,
+    confusion_matrix,
+    confusion_picture,
+    mask_ap,
+    per_class_table,
+    remap_confusion,
+    segmentation_scores,
+)
 
 
 def _square(y: int, x: int, side: int, size: int = 20) -> np.ndarray:
@@ -59,3 +68,158 @@ def test_confidence_order_matters() -> None:
     bad_first = [_set("a", [_square(0, 0, 10), _square(12, 12, 6)], [1, 1], [0.1, 0.9])]
     assert mask_ap(truth, good_first, class_agnostic=True)["AP50"] == pytest.approx(1.0)
     assert mask_ap(truth, bad_first, class_agnostic=True)["AP50"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_confusion_matrix_golden_with_ignore_pixels() -> None:
+    truth = np.array([[0, 1, 255, 2], [1, 1, 0, 255], [2, 2, 0, 1]])
+    predicted = np.array([[1, 1, 0, 0], [0, 1, 1, 2], [2, 2, 1, 0]])
+    # Kept (p, g) pairs: (1,0) (1,1) (0,2) | (0,1) (1,1) (1,0) | (2,2) (2,2) (1,0) (0,1).
+    expected = np.array([[0, 2, 1], [3, 2, 0], [0, 0, 2]])
+    confusion = confusion_matrix(predicted, truth, num_predicted=3, num_classes=3)
+    assert confusion.dtype == np.int64
+    np.testing.assert_array_equal(confusion, expected)
+
+
+def test_confusion_matrix_errors_name_the_value() -> None:
+    truth = np.array([[0, 1], [2, 255]])
+    with pytest.raises(ValueError, match="predicted value 3"):
+        confusion_matrix(np.array([[0, 3], [1, 0]]), truth, num_predicted=3, num_classes=3)
+    with pytest.raises(ValueError, match="truth value 7"):
+        confusion_matrix(
+            np.zeros((2, 2), int), np.array([[7, 0], [0, 0]]), num_predicted=1, num_classes=3
+        )
+    with pytest.raises(ValueError, match="predicted value -1"):
+        confusion_matrix(np.full((2, 2), -1), truth, num_predicted=3, num_classes=3)
+    with pytest.raises(ValueError, match="shape"):
+        confusion_matrix(np.zeros((2, 3), int), truth, num_predicted=3, num_classes=3)
+
+
+def test_permuted_perfect_prediction_scores_one() -> None:
+    truth = np.random.default_rng(0).integers(0, 4, size=(16, 16))
+    permutation = np.array([2, 0, 3, 1])
+    confusion = confusion_matrix(permutation[truth], truth, num_predicted=4, num_classes=4)
+    scores = segmentation_scores(confusion)
+    assert scores["miou"] == pytest.approx(1.0)
+    np.testing.assert_allclose(scores["iou"], 1.0)
+    np.testing.assert_array_equal(scores["mapping"], np.argsort(permutation))
+
+
+# Rows: predictions 0..2, columns: classes 0..2.
+KNOWN = np.array([[0, 8, 2], [10, 1, 0], [1, 1, 5]])
+
+
+def test_known_confusion_hand_computed_miou() -> None:
+    # Hungarian: p1->0 (10), p0->1 (8), p2->2 (5) = 23 matched, the maximum.
+    # Truth pixels per class: 11, 10, 7; predicted per class: 11, 10, 7.
+    # IoU = TP / (pred + truth - TP): 10/12, 8/12, 5/9; mIoU = (15/18 + 12/18 + 10/18) / 3 = 37/54.
+    scores = segmentation_scores(KNOWN)
+    np.testing.assert_array_equal(scores["mapping"], [1, 0, 2])
+    np.testing.assert_allclose(scores["iou"], [10 / 12, 8 / 12, 5 / 9])
+    assert scores["miou"] == pytest.approx(37 / 54)
+
+
+# Six clusters onto three classes: two clusters per class.
+OVERCLUSTERED = np.array([[9, 1, 0], [5, 0, 1], [0, 8, 0], [1, 4, 1], [0, 0, 7], [0, 2, 3]])
+
+
+def test_majority_vote_merges_clusters() -> None:
+    # Majority: p0,p1->0, p2,p3->1, p4,p5->2. Truth per class 15, 15, 12; predicted 16, 14, 12;
+    # TP 14, 12, 10. IoU 14/17, 12/17, 10/14; mIoU = (26/17 + 5/7) / 3 = 267/357 = 89/119.
+    scores = segmentation_scores(OVERCLUSTERED, matching="majority")
+    np.testing.assert_array_equal(scores["mapping"], [0, 0, 1, 1, 2, 2])
+    np.testing.assert_allclose(scores["iou"], [14 / 17, 12 / 17, 10 / 14])
+    assert scores["miou"] == pytest.approx(89 / 119)
+
+
+def test_hungarian_on_overclustering_leaves_clusters_unmapped() -> None:
+    # Hungarian: p0->0 (9), p2->1 (8), p4->2 (7); p1, p3, p5 map to nothing and count as misses.
+    # IoU 9/(10+15-9) = 9/16, 8/15, 7/12.
+    scores = segmentation_scores(OVERCLUSTERED, matching="hungarian")
+    np.testing.assert_array_equal(scores["mapping"], [0, -1, 1, -1, 2, -1])
+    np.testing.assert_allclose(scores["iou"], [9 / 16, 8 / 15, 7 / 12])
+    assert scores["miou"] == pytest.approx((9 / 16 + 8 / 15 + 7 / 12) / 3)
+    assert scores["miou"] < segmentation_scores(OVERCLUSTERED, matching="majority")["miou"]
+
+
+def test_class_never_predicted_scores_zero_and_counts() -> None:
+    # Two predictions, three classes: class 2 gets no cluster. IoU 5/7, 4/7, 0; mIoU 9/21.
+    confusion = np.array([[5, 0, 2], [0, 4, 3]])
+    scores = segmentation_scores(confusion)
+    np.testing.assert_array_equal(scores["mapping"], [0, 1])
+    np.testing.assert_allclose(scores["iou"], [5 / 7, 4 / 7, 0.0])
+    assert scores["miou"] == pytest.approx(3 / 7)
+
+
+def test_class_absent_everywhere_is_nan_and_excluded() -> None:
+    # Class 2 has no truth pixels and no predictions. IoU 4/5, 5/6; mIoU (4/5 + 5/6) / 2 = 49/60.
+    confusion = np.array([[4, 1, 0], [0, 5, 0], [0, 0, 0]])
+    scores = segmentation_scores(confusion)
+    assert np.isnan(scores["iou"][2])
+    np.testing.assert_allclose(scores["iou"][:2], [4 / 5, 5 / 6])
+    assert scores["miou"] == pytest.approx(49 / 60)
+
+
+def test_bad_matching_names_allowed_values() -> None:
+    with pytest.raises(ValueError, match="'greedy'.*hungarian.*majority"):
+        segmentation_scores(KNOWN, matching="greedy")
+
+
+def test_remap_confusion_sums_rows_into_classes() -> None:
+    mapping = np.array([0, 0, 1, 1, 2, 2])
+    expected = np.array([[14, 1, 1], [1, 12, 1], [0, 2, 10]])
+    np.testing.assert_array_equal(remap_confusion(OVERCLUSTERED, mapping), expected)
+
+
+def test_per_class_table_has_names_and_percentages() -> None:
+    scores = segmentation_scores(KNOWN)
+    table = per_class_table(scores, ["background", "aero", "bike"])
+    lines = table.splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith("|") and line.endswith("|") for line in lines)
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    values = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert header == ["", "background", "aero", "bike", "mIoU"]
+    # 10/12 = 83.33 %, 8/12 = 66.67 %, 5/9 = 55.56 %, 37/54 = 68.52 %.
+    assert values == ["IoU (%)", "83.3", "66.7", "55.6", "68.5"]
+    assert set(lines[1].replace("|", "").split()) <= {"-" * n + ":" for n in range(1, 20)}
+    with pytest.raises(ValueError, match="2 class names for 3"):
+        per_class_table(scores, ["a", "b"])
+
+
+def test_per_class_table_marks_absent_classes() -> None:
+    scores = segmentation_scores(np.array([[4, 1, 0], [0, 5, 0], [0, 0, 0]]))
+    values = [
+        c.strip() for c in per_class_table(scores, ["a", "b", "c"]).splitlines()[2].split("|")
+    ]
+    assert values[1:-1] == ["IoU (%)", "80.0", "83.3", "-", "81.7"]
+
+
+def test_confusion_picture_diagonal_is_hot() -> None:
+    names = ["background", "aeroplane", "bike"]
+    picture = confusion_picture(np.diag([50, 30, 20]), names)
+    assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
+    assert min(picture.shape[:2]) >= 200
+    top, left = _grid_origin(names)
+    assert top + 3 * 24 <= picture.shape[0] and left + 3 * 24 <= picture.shape[1]
+    brightness = [
+        [picture[top + 24 * r + 12, left + 24 * c + 12].astype(int).sum() for c in range(3)]
+        for r in range(3)
+    ]
+    diagonal = min(brightness[i][i] for i in range(3))
+    off_diagonal = max(brightness[r][c] for r in range(3) for c in range(3) if r != c)
+    assert diagonal > off_diagonal + 200
+
+
+def test_confusion_picture_normalises_truth_rows() -> None:
+    # remapped[c, g]: truth class 0 (100 pixels) is all predicted 1, truth class 1 (1000 pixels)
+    # too; normalised per truth row, both cells in column 1 are equally hot (fraction 1).
+    remapped = np.array([[0, 0], [100, 1000]])
+    names = ["a", "b"]
+    picture = confusion_picture(remapped, names).astype(int)
+    top, left = _grid_origin(names)
+    row0 = [picture[top + 12, left + 24 * c + 12].sum() for c in range(2)]
+    row1_diag = picture[top + 36, left + 36].sum()
+    assert row0[1] > row0[0] + 200
+    assert row1_diag == row0[1]
+    with pytest.raises(ValueError, match="classes squared"):
+        confusion_picture(remapped, ["a", "b", "c"])
