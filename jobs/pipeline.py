@@ -4,19 +4,27 @@
     ray job submit --working-dir . -- python -m jobs.pipeline --config configs/pascal.yaml
 
 Stages so far: data (index and preview) -> mine (Sec 3.2 masks) -> cluster (K-means) ->
-detector (Mask R-CNN, Ray Train) -> distill (Sec 3.3 confident pseudo labels).
+detector (Mask R-CNN, Ray Train) -> distill (Sec 3.3 confident pseudo labels) ->
+segmenter (DeepLab-v3, Eq 4, Ray Train).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from jobs import cluster, distill, mine, train_detector
+from jobs import cluster, distill, mine, train_detector, train_segmenter
 from jobs.common import connect, start
 from maskdistill.data import index
 from maskdistill.rundir import RunDir, read_manifest
 
-STAGES = ("data", mine.STAGE, cluster.STAGE, train_detector.STAGE, distill.STAGE)
+STAGES = (
+    "data",
+    mine.STAGE,
+    cluster.STAGE,
+    train_detector.STAGE,
+    distill.STAGE,
+    train_segmenter.STAGE,
+)
 
 
 def summary(run: RunDir, ran: dict[str, bool]) -> str:
@@ -41,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ran[cluster.STAGE] = cluster.run_stage(config, force=args.force) is not None
     ran[train_detector.STAGE] = train_detector.run_stage(config, force=args.force) is not None
     ran[distill.STAGE] = distill.run_stage(config, force=args.force) is not None
+    ran[train_segmenter.STAGE] = train_segmenter.run_stage(config, force=args.force) is not None
     print(summary(RunDir(config.run_dir), ran))
     return 0
 

@@ -17,6 +17,7 @@ RAY_COMMANDS = {
     "cluster": "jobs.cluster",
     "train-detector": "jobs.train_detector",
     "distill": "jobs.distill",
+    "train-segmenter": "jobs.train_segmenter",
     "pipeline": "jobs.pipeline",
 }
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("cluster", "Sec 3.2: K-means on the mined objects' features"),
         ("train-detector", "Sec 3.2: distill a Mask R-CNN on the clustered masks (Ray Train)"),
         ("distill", "Sec 3.3: confident detector masks -> pseudo-label maps (Ray Data)"),
+        ("train-segmenter", "Sec 3.3 Eq 4: DeepLab-v3 on the pseudo labels (Ray Train)"),
         ("pipeline", "every stage in order, skipping finished ones"),
     ):
         commands.add_parser(name, help=help_text, add_help=False)

@@ -219,15 +219,21 @@ class PseudoLabelConfig(Section):
 
 
 class SegmenterConfig(Section):
-    """DeepLab-v3, dilated ResNet-50, trained with hard pixel mining (Eq 4, Sec 4.1, A.3)."""
+    """DeepLab-v3, dilated ResNet, trained with hard pixel mining (Eq 4, Sec 4.1, A.3)."""
 
+    backbone: Literal["resnet50", "resnet18"] = Field(
+        "resnet50", description="resnet18: a small one for CPU demos"
+    )
     init: BackboneInit = "moco"
     init_path: str | None = None
     output_stride: Literal[8, 16] = 8
-    hard_pixel_fraction: Fraction = 0.2
+    hard_pixel_fraction: Fraction = Field(0.2, description="Eq 4: the top 20% hardest pixels")
     epochs: Positive = 45
-    batch_size: Positive = 16
-    schedule: LRSchedule = LRSchedule(base_lr=2e-3, milestones=[40])
+    batch_size: Positive = Field(16, description="global batch, split evenly over the workers")
+    schedule: LRSchedule = Field(
+        LRSchedule(base_lr=2e-3, milestones=[40]),
+        description="milestones in epochs here; lr for `reference_batch` images",
+    )
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
     crop_size: Positive = 512
@@ -238,8 +244,20 @@ class SegmenterConfig(Section):
     rotation_degrees: Annotated[float, Field(ge=0.0, le=180.0)] = 5.0
     checkpoint_every_epochs: Positive = 1
     num_workers: Positive = 1
+    cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
     use_gpu: bool = True
+    max_failures: NonNegative = 2
+    loader_threads: Positive = 4
     precision: Precision = "bf16"
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> SegmenterConfig:
+        if self.batch_size % self.num_workers or self.batch_size // self.num_workers < 2:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of num_workers="
+                f"{self.num_workers} with at least 2 images per worker (BatchNorm in the head)"
+            )
+        return self
 
 
 class EvaluationConfig(Section):

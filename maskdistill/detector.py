@@ -28,6 +28,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 
+from maskdistill.backbones import IMAGENET_MEAN, IMAGENET_STD
 from maskdistill.data.base import Dataset
 from maskdistill.masks import decode_rle, mask_to_box
 from maskdistill.storage import read_bytes
@@ -36,8 +37,6 @@ ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18
 INITS = ("moco", "imagenet", "none")
 # A.1: shorter side drawn from [480, 800] in training (Detectron2's steps of 32), 800 at test.
 TRAIN_SHORT_SIDES = tuple(range(480, 801, 32))
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
 MOCO_PREFIX = "module.encoder_q."
 _LIST_LIMIT = 8
 
@@ -55,7 +54,9 @@ class MultiScaleTransform(GeneralizedRCNNTransform):
     def __init__(
         self, train_short_sides: Sequence[int], test_short_side: int, max_size: int
     ) -> None:
-        super().__init__(tuple(train_short_sides), max_size, list(IMAGE_MEAN), list(IMAGE_STD))
+        super().__init__(
+            tuple(train_short_sides), max_size, list(IMAGENET_MEAN), list(IMAGENET_STD)
+        )
         self.train_short_sides = tuple(int(s) for s in train_short_sides)
         self.test_short_side = int(test_short_side)
         self.train(self.training)

@@ -1,0 +1,196 @@
+"""Stage `segmenter` (Sec 3.3 Eq 4, 4.1, A.3): DeepLab-v3 on the pseudo labels, with Ray Train.
+
+    python -m jobs.train_segmenter --config configs/pascal.yaml --set segmenter.num_workers=2
+
+The same contract as the detector stage: DDP workers draw their share of the global batch by
+iteration, rank 0 checkpoints every `segmenter.checkpoint_every_epochs` epochs to
+`run_dir/segmenter/checkpoints/` and logs losses and lr per iteration to `segmenter/log.jsonl`,
+a failed worker group restarts from the latest checkpoint, a NaN loss stops the run. The loss is
+Eq 4: cross-entropy over the hardest `segmenter.hard_pixel_fraction` of the valid pixels of
+each batch. Schedule milestones are in epochs. The weights end in `segmenter/model.pt`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from jobs import distill, train_detector
+from jobs.common import stage_main
+from jobs.sharded import dataset_of
+from jobs.training import all_finite, barrier, fit_workers
+from maskdistill import storage
+from maskdistill.config import ExperimentConfig, LRSchedule
+from maskdistill.engine import (
+    Checkpointer,
+    MetricsLog,
+    NonFiniteLoss,
+    Prefetch,
+    TrainSpec,
+    batch_indices,
+    build_scheduler,
+    scaled_lr,
+    train,
+    trainable,
+)
+from maskdistill.rundir import RunDir, StageManifest, execute
+from maskdistill.segmenter import SegmentationSamples, build_segmenter, segmenter_losses
+from maskdistill.shards import read_parts
+
+STAGE = "segmenter"
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    return config.section_hash("segmenter", "seed") + distill.config_hash(config)
+
+
+def training_rows(config: ExperimentConfig, run: RunDir) -> list[dict[str, Any]]:
+    """The pseudo labels of the train split, one row per image."""
+    split = config.data.train_split
+    table = read_parts(run, f"{distill.STAGE}/{split or 'images'}", distill.PSEUDO_SCHEMA)
+    return table.select(["image_id", "label_png"]).to_pylist()
+
+
+def iteration_schedule(config: ExperimentConfig, num_images: int) -> tuple[int, int, LRSchedule]:
+    """Iterations per epoch, total iterations, and the schedule with milestones in iterations."""
+    seg = config.segmenter
+    per_epoch = max(1, num_images // seg.batch_size)
+    schedule = seg.schedule.model_copy(
+        update={"milestones": [m * per_epoch for m in seg.schedule.milestones]}
+    )
+    return per_epoch, seg.epochs * per_epoch, schedule
+
+
+def segmenter_for(config: ExperimentConfig, classes: int) -> torch.nn.Module:
+    seg = config.segmenter
+    return build_segmenter(
+        num_classes=classes,
+        init=seg.init,
+        init_path=seg.init_path,
+        output_stride=seg.output_stride,
+        backbone=seg.backbone,
+    )
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One DDP worker: build, resume, train, report the last loss."""
+    config: ExperimentConfig = loop_config["config"]
+    seg = config.segmenter
+    torch.set_num_threads(math.ceil(seg.cpus_per_worker))
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    run = RunDir(config.run_dir)
+    device = ray.train.torch.get_device()
+    rows = training_rows(config, run)
+    per_epoch, max_iters, schedule = iteration_schedule(config, len(rows))
+    model = ray.train.torch.prepare_model(segmenter_for(config, train_detector.num_classes(run)))
+    optimizer = torch.optim.SGD(
+        trainable(model.parameters()),
+        lr=scaled_lr(schedule, seg.batch_size),
+        momentum=seg.momentum,
+        weight_decay=seg.weight_decay,
+    )
+    samples = SegmentationSamples(
+        rows,
+        dataset_of(config.data, config.data.train_split),
+        crop_size=seg.crop_size,
+        scale_range=seg.scale_range,
+        rotation_degrees=seg.rotation_degrees,
+        seed=config.seed,
+    )
+
+    def batch_at(iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = batch_indices(
+            iteration,
+            rank=rank,
+            world_size=world,
+            batch_size=seg.batch_size // world,
+            num_samples=len(samples),
+            seed=config.seed,
+        )
+        pairs = [samples.load(i, variant=iteration) for i in indices]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def losses(model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        return segmenter_losses(
+            model, images.to(device), targets.to(device), fraction=seg.hard_pixel_fraction
+        )
+
+    spec = TrainSpec(
+        max_iters=max_iters,
+        checkpoint_every=per_epoch * seg.checkpoint_every_epochs,
+        checkpoints=Checkpointer(run.uri_of(STAGE, "checkpoints")),
+        log=MetricsLog(run.uri_of(STAGE, "log.jsonl")) if rank == 0 else None,
+        batch_at=Prefetch(batch_at, seg.loader_threads),
+        losses=losses,
+        device=device,
+        bf16=device.type == "cuda" and seg.precision == "bf16",
+        is_main=rank == 0,
+        barrier=barrier,
+        hooks=loop_config.get("hooks", ()),
+        all_finite=all_finite(device),
+    )
+    try:
+        last = train(model, optimizer, build_scheduler(optimizer, schedule), spec)
+    except NonFiniteLoss as err:
+        ray.train.report({"error": str(err)})
+        return
+    ray.train.report({"iteration": max_iters, **last})
+
+
+def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] = ()) -> None:
+    """Run the TorchTrainer; export the final weights to `segmenter/model.pt`."""
+    seg = config.segmenter
+    run = RunDir(config.run_dir)
+    metrics = fit_workers(
+        train_loop_per_worker,
+        {"config": config, "hooks": list(hooks)},
+        name=STAGE,
+        storage_path=run.uri_of(STAGE, "ray"),
+        num_workers=seg.num_workers,
+        use_gpu=seg.use_gpu,
+        cpus_per_worker=seg.cpus_per_worker,
+        max_failures=seg.max_failures,
+    )
+    latest = Checkpointer(run.uri_of(STAGE, "checkpoints")).latest()
+    assert latest is not None  # train() always checkpoints its last iteration
+    state = Checkpointer.load(latest)
+    classes = train_detector.num_classes(run)
+    buffer = io.BytesIO()
+    torch.save({"model": state["model"], "num_classes": classes}, buffer)
+    storage.write_bytes(run.uri_of(STAGE, "model.pt"), buffer.getvalue())
+    manifest.inputs = len(training_rows(config, run))
+    manifest.outputs = int(state["iteration"])
+    manifest.metrics.update({k: float(v) for k, v in metrics.items() if k != "iteration"})
+
+
+def load_segmenter(config: ExperimentConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The trained segmenter from `segmenter/model.pt`, in eval mode."""
+    run = RunDir(config.run_dir)
+    state = torch.load(io.BytesIO(run.read_bytes(STAGE, "model.pt")), map_location="cpu")
+    model = segmenter_for(config, int(state["num_classes"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def run_stage(
+    config: ExperimentConfig, *, force: bool = False, hooks: Sequence[Any] = ()
+) -> StageManifest | None:
+    """Train the segmenter; None when already complete for this config."""
+    run = RunDir(config.run_dir)
+    return execute(run, STAGE, config_hash(config), lambda m: fit(config, m, hooks), force=force)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(__doc__, argv, run_stage)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
