@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import ray
 import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -27,6 +28,7 @@ def fit_workers(
     """Run `loop` on `num_workers` DDP workers; a failed group restarts up to `max_failures`
     times. Returns rank 0's last report; raises NonFiniteLoss when a worker reported one."""
     resources = {"CPU": cpus_per_worker, "GPU": 1.0} if use_gpu else {"CPU": cpus_per_worker}
+    _warn_if_short(resources, num_workers)
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -43,6 +45,18 @@ def fit_workers(
     if "error" in metrics:
         raise NonFiniteLoss(metrics["error"])
     return metrics
+
+
+def _warn_if_short(per_worker: dict[str, float], num_workers: int) -> None:
+    """Say so when the cluster, as it is now, cannot hold the workers (only an autoscaler can)."""
+    total = ray.cluster_resources()
+    for name, amount in per_worker.items():
+        needed = amount * num_workers
+        if total.get(name, 0.0) < needed:
+            print(
+                f"warning: {num_workers} workers need {needed:g} {name} in all, the cluster has "
+                f"{total.get(name, 0.0):g}; training waits until an autoscaler adds nodes"
+            )
 
 
 def barrier() -> None:

@@ -18,6 +18,7 @@ SEGMENTER = (
     "segmenter.crop_size=48",
     "segmenter.batch_size=4",
     "segmenter.num_workers=2",
+    "segmenter.cpus_per_worker=1",
     "segmenter.use_gpu=false",
     "segmenter.epochs=3",
     "segmenter.schedule={base_lr: 0.004, reference_batch: 4, milestones: [2]}",
