@@ -27,8 +27,7 @@ import torch
 from jobs import cluster
 from jobs.common import stage_main
 from jobs.sharded import dataset_of
-from jobs.training import all_finite, barrier, fit_workers
-from maskdistill import storage
+from jobs.training import all_finite, barrier, export_weights, fit_workers, read_weights
 from maskdistill.config import ExperimentConfig
 from maskdistill.detector import MaskTargets, build_detector, collate, detector_losses
 from maskdistill.engine import (
@@ -156,13 +155,7 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
         cpus_per_worker=det.cpus_per_worker,
         max_failures=det.max_failures,
     )
-    latest = Checkpointer(run.uri_of(STAGE, "checkpoints")).latest()
-    assert latest is not None  # train() always checkpoints its last iteration
-    state = Checkpointer.load(latest)
-    export = {"model": state["model"], "num_classes": num_classes(run), "arch": det.arch}
-    buffer = io.BytesIO()
-    torch.save(export, buffer)
-    storage.write_bytes(run.uri_of(STAGE, "model.pt"), buffer.getvalue())
+    export_weights(run, STAGE, num_classes=num_classes(run), arch=det.arch)
     manifest.inputs = len(pq.read_table(io.BytesIO(run.read_bytes(*cluster.table_path(config)))))
     manifest.outputs = det.max_iters
     manifest.metrics.update({k: float(v) for k, v in metrics.items() if k != "iteration"})
@@ -170,8 +163,7 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
 
 def load_detector(config: ExperimentConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The trained detector from `detector/model.pt`, in eval mode."""
-    run = RunDir(config.run_dir)
-    state = torch.load(io.BytesIO(run.read_bytes(STAGE, "model.pt")), map_location="cpu")
+    state = read_weights(RunDir(config.run_dir), STAGE)
     model = detector_for(config, int(state["num_classes"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval()

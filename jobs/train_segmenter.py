@@ -12,7 +12,6 @@ each batch. Schedule milestones are in epochs. The weights end in `segmenter/mod
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,8 +23,7 @@ import torch
 from jobs import distill, train_detector
 from jobs.common import stage_main
 from jobs.sharded import dataset_of
-from jobs.training import all_finite, barrier, fit_workers
-from maskdistill import storage
+from jobs.training import all_finite, barrier, export_weights, fit_workers, read_weights
 from maskdistill.config import ExperimentConfig, LRSchedule
 from maskdistill.engine import (
     Checkpointer,
@@ -159,13 +157,7 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
         cpus_per_worker=seg.cpus_per_worker,
         max_failures=seg.max_failures,
     )
-    latest = Checkpointer(run.uri_of(STAGE, "checkpoints")).latest()
-    assert latest is not None  # train() always checkpoints its last iteration
-    state = Checkpointer.load(latest)
-    classes = train_detector.num_classes(run)
-    buffer = io.BytesIO()
-    torch.save({"model": state["model"], "num_classes": classes}, buffer)
-    storage.write_bytes(run.uri_of(STAGE, "model.pt"), buffer.getvalue())
+    state = export_weights(run, STAGE, num_classes=train_detector.num_classes(run))
     manifest.inputs = len(training_rows(config, run))
     manifest.outputs = int(state["iteration"])
     manifest.metrics.update({k: float(v) for k, v in metrics.items() if k != "iteration"})
@@ -173,8 +165,7 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
 
 def load_segmenter(config: ExperimentConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The trained segmenter from `segmenter/model.pt`, in eval mode."""
-    run = RunDir(config.run_dir)
-    state = torch.load(io.BytesIO(run.read_bytes(STAGE, "model.pt")), map_location="cpu")
+    state = read_weights(RunDir(config.run_dir), STAGE)
     model = segmenter_for(config, int(state["num_classes"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,9 @@ import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from maskdistill.engine import NonFiniteLoss
+from maskdistill import storage
+from maskdistill.engine import Checkpointer, NonFiniteLoss
+from maskdistill.rundir import RunDir
 
 
 def fit_workers(
@@ -57,6 +60,27 @@ def _warn_if_short(per_worker: dict[str, float], num_workers: int) -> None:
                 f"warning: {num_workers} workers need {needed:g} {name} in all, the cluster has "
                 f"{total.get(name, 0.0):g}; training waits until an autoscaler adds nodes"
             )
+
+
+def export_weights(run: RunDir, stage: str, **extra: Any) -> dict[str, Any]:
+    """Write the latest checkpoint's model (and `extra`) to `<stage>/model.pt`; return the
+    checkpoint."""
+    latest = Checkpointer(run.uri_of(stage, "checkpoints")).latest()
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint under {run.uri_of(stage, 'checkpoints')}")
+    state = Checkpointer.load(latest)
+    buffer = io.BytesIO()
+    torch.save({"model": state["model"], **extra}, buffer)
+    storage.write_bytes(run.uri_of(stage, "model.pt"), buffer.getvalue())
+    return state
+
+
+def read_weights(run: RunDir, stage: str) -> dict[str, Any]:
+    """What `export_weights` wrote for `stage`."""
+    state: dict[str, Any] = torch.load(
+        io.BytesIO(run.read_bytes(stage, "model.pt")), map_location="cpu"
+    )
+    return state
 
 
 def barrier() -> None:
