@@ -203,7 +203,7 @@ def attention_share(
     heads = list(range(q.shape[1])) if cls_heads is None else list(cls_heads)
     logits = q[:, heads, :1].float() @ k[:, heads, 1:].float().transpose(-1, -2)
     attention = (logits * q.shape[-1] ** -0.5).softmax(-1).mean(1).squeeze(1)  # [B, N]
-    return (attention * masks.flatten(1)).sum(1)
+    return (attention * masks.flatten(1)).sum(1).clamp(0.0, 1.0)  # float sums can pass 1
 
 
 def _to_original(

@@ -248,3 +248,11 @@ def test_seed_box_lies_inside_the_mask_at_any_scale(
     x0, y0, x1, y1 = mined.seed_box
     assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
     assert mined.mask[y0:y1, x0:x1].all()
+
+
+def test_attention_share_never_exceeds_one_by_rounding() -> None:
+    generator = torch.Generator().manual_seed(4)
+    q = torch.randn(64, 6, 1 + 400, 64, generator=generator)
+    k = torch.randn(64, 6, 1 + 400, 64, generator=generator)
+    share = attention_share(q, k, torch.ones(64, 20, 20, dtype=torch.bool), None)
+    assert (share <= 1.0).all() and (share >= 0.0).all()
