@@ -27,7 +27,7 @@ import torch
 from jobs import cluster
 from jobs.common import stage_main
 from jobs.sharded import dataset_of
-from jobs.training import all_finite, barrier, export_weights, fit_workers, read_weights
+from jobs.training import all_finite, barrier, export_weights, fit_workers
 from maskdistill.config import ExperimentConfig
 from maskdistill.detector import MaskTargets, build_detector, collate, detector_losses
 from maskdistill.engine import (
@@ -42,6 +42,7 @@ from maskdistill.engine import (
     train,
     trainable,
 )
+from maskdistill.inference import read_weights
 from maskdistill.rundir import RunDir, StageManifest, execute, read_manifest
 
 STAGE = "detector"

@@ -23,7 +23,7 @@ import torch
 from jobs import distill, train_detector
 from jobs.common import stage_main
 from jobs.sharded import dataset_of
-from jobs.training import all_finite, barrier, export_weights, fit_workers, read_weights
+from jobs.training import all_finite, barrier, export_weights, fit_workers
 from maskdistill.config import ExperimentConfig, LRSchedule
 from maskdistill.engine import (
     Checkpointer,
@@ -37,8 +37,9 @@ from maskdistill.engine import (
     train,
     trainable,
 )
+from maskdistill.inference import Segmenter, segmenter_from_config
 from maskdistill.rundir import RunDir, StageManifest, execute
-from maskdistill.segmenter import SegmentationSamples, build_segmenter, segmenter_losses
+from maskdistill.segmenter import SegmentationSamples, segmenter_losses
 from maskdistill.shards import read_parts
 
 STAGE = "segmenter"
@@ -65,17 +66,6 @@ def iteration_schedule(config: ExperimentConfig, num_images: int) -> tuple[int, 
     return per_epoch, seg.epochs * per_epoch, schedule
 
 
-def segmenter_for(config: ExperimentConfig, classes: int) -> torch.nn.Module:
-    seg = config.segmenter
-    return build_segmenter(
-        num_classes=classes,
-        init=seg.init,
-        init_path=seg.init_path,
-        output_stride=seg.output_stride,
-        backbone=seg.backbone,
-    )
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One DDP worker: build, resume, train, report the last loss."""
     config: ExperimentConfig = loop_config["config"]
@@ -87,7 +77,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     rows = training_rows(config, run)
     per_epoch, max_iters, schedule = iteration_schedule(config, len(rows))
-    model = ray.train.torch.prepare_model(segmenter_for(config, train_detector.num_classes(run)))
+    classes = train_detector.num_classes(run)
+    model = ray.train.torch.prepare_model(segmenter_from_config(seg, num_classes=classes))
     optimizer = torch.optim.SGD(
         trainable(model.parameters()),
         lr=scaled_lr(schedule, seg.batch_size),
@@ -163,12 +154,9 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
     manifest.metrics.update({k: float(v) for k, v in metrics.items() if k != "iteration"})
 
 
-def load_segmenter(config: ExperimentConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The trained segmenter from `segmenter/model.pt`, in eval mode."""
-    state = read_weights(RunDir(config.run_dir), STAGE)
-    model = segmenter_for(config, int(state["num_classes"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
+def load_segmenter(config: ExperimentConfig, device: torch.device | str = "cpu") -> Segmenter:
+    """The trained segmenter of `config.run_dir`, in eval mode."""
+    return Segmenter.from_run(config.run_dir, device=device, config=config)
 
 
 def run_stage(

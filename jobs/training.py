@@ -75,14 +75,6 @@ def export_weights(run: RunDir, stage: str, **extra: Any) -> dict[str, Any]:
     return state
 
 
-def read_weights(run: RunDir, stage: str) -> dict[str, Any]:
-    """What `export_weights` wrote for `stage`."""
-    state: dict[str, Any] = torch.load(
-        io.BytesIO(run.read_bytes(stage, "model.pt")), map_location="cpu"
-    )
-    return state
-
-
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

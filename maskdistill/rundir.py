@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow.fs as pafs
+import yaml
 
 from maskdistill import storage
-from maskdistill.config import ExperimentConfig
+from maskdistill.config import ExperimentConfig, validate_config
 
 MANIFEST = "manifest.json"
 ATTEMPT = "attempt.json"  # the config hash a stage's files under way belong to
@@ -65,6 +66,13 @@ class RunDir:
 
     def write_json(self, obj: Any, *parts: str) -> str:
         return self.write_bytes(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)
+
+    def read_config(self) -> ExperimentConfig:
+        """The resolved config this run was started with (`config.yaml`), validated."""
+        if not self.exists("config.yaml"):
+            raise FileNotFoundError(f"{self.uri_of('config.yaml')}: not a run directory")
+        raw = yaml.safe_load(self.read_bytes("config.yaml")) or {}
+        return validate_config(raw, source=self.uri_of("config.yaml"))
 
     def write_config(self, config: ExperimentConfig) -> str:
         """The resolved config and the code version it ran with, for reproducing the run."""

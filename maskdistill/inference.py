@@ -1,0 +1,122 @@
+"""The trained segmenter as a plain object: load it from a run directory, segment images.
+
+Shared by the evaluation stage, `maskdistill predict` and the HTTP service. Ray-free.
+
+Labels follow the pseudo labels (`maskdistill.pseudolabels`): 0 is background, `1 + k` is
+cluster `k`. Their names come from `evaluate/class_names.json` when the evaluation stage has
+matched clusters to ground-truth classes (Hungarian, Sec 4.1), else "background", "cluster 0", ...
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from maskdistill.config import ExperimentConfig, SegmenterConfig
+from maskdistill.rundir import RunDir
+from maskdistill.segmenter import build_segmenter, normalize
+
+SEGMENTER_STAGE = "segmenter"
+CLASS_NAMES_FILE = ("evaluate", "class_names.json")
+
+
+def read_weights(run: RunDir, stage: str) -> dict[str, Any]:
+    """The `<stage>/model.pt` a training stage exported: {"model": state dict, ...extra}."""
+    if not run.exists(stage, "model.pt"):
+        raise FileNotFoundError(f"{run.uri_of(stage, 'model.pt')}: no trained {stage} there")
+    state: dict[str, Any] = torch.load(
+        io.BytesIO(run.read_bytes(stage, "model.pt")), map_location="cpu"
+    )
+    return state
+
+
+def segmenter_from_config(seg: SegmenterConfig, *, num_classes: int) -> nn.Module:
+    """The segmenter architecture a run's config describes (weights not loaded)."""
+    return build_segmenter(
+        num_classes=num_classes,
+        init=seg.init,
+        init_path=seg.init_path,
+        output_stride=seg.output_stride,
+        backbone=seg.backbone,
+    )
+
+
+def default_class_names(num_classes: int) -> list[str]:
+    return ["background", *(f"cluster {k}" for k in range(num_classes - 1))]
+
+
+class Segmenter:
+    """A trained segmenter with its label names, predicting at each image's own resolution."""
+
+    def __init__(
+        self, model: nn.Module, class_names: Sequence[str], *, precision: str = "fp32"
+    ) -> None:
+        self.model = model.eval()
+        self.class_names = list(class_names)
+        self.device = next(model.parameters()).device
+        self.autocast = precision == "bf16" and self.device.type == "cuda"
+
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: str,
+        *,
+        device: torch.device | str = "cpu",
+        config: ExperimentConfig | None = None,
+    ) -> Segmenter:
+        """Load `segmenter/model.pt` (strictly) and the class names of a run directory.
+
+        The architecture comes from `config`, by default the run's own `config.yaml`.
+        """
+        run = RunDir(run_dir)
+        config = config or run.read_config()
+        state = read_weights(run, SEGMENTER_STAGE)
+        num_classes = int(state["num_classes"])
+        model = segmenter_from_config(
+            config.segmenter.model_copy(update={"init": "none"}), num_classes=num_classes
+        )
+        model.load_state_dict(state["model"])
+        names = default_class_names(num_classes)
+        if run.exists(*CLASS_NAMES_FILE):
+            names = list(run.read_json(*CLASS_NAMES_FILE)["names"])
+        return cls(model.to(device), names, precision=config.segmenter.precision)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @torch.no_grad()
+    def logits(self, images: Sequence[np.ndarray]) -> list[Tensor]:
+        """float32 [C, H, W] logits for each uint8 RGB [H, W, 3] image, on the CPU.
+
+        Images of one size go through the network together; A.3: at the original resolution.
+        """
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(
+                    f"image {i}: expected uint8 [H, W, 3], got {image.dtype} {image.shape}"
+                )
+            by_size[image.shape[:2]].append(i)
+        out: list[Tensor | None] = [None] * len(images)
+        for indices in by_size.values():
+            batch = torch.stack([normalize(images[i]) for i in indices]).to(self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(batch)["out"]
+            for i, result in zip(indices, logits.float().cpu(), strict=True):
+                out[i] = result
+        return [t for t in out if t is not None]
+
+    def segment(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """int64 label maps [H, W], one per image."""
+        return [t.argmax(dim=0).numpy() for t in self.logits(images)]
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """float32 softmax [C, H, W] per image (for the dense CRF)."""
+        return [t.softmax(dim=0).numpy() for t in self.logits(images)]
