@@ -11,11 +11,11 @@ export RAY_AUTH_MODE ?= token
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,dev,cluster]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,dev,cluster,crf]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
-	$(BIN)/maskdistill pipeline --config $(CONFIG)
+	$(BIN)/maskdistill demo --config $(CONFIG)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10
@@ -23,7 +23,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy maskdistill jobs
+	$(BIN)/mypy maskdistill jobs serve
 
 format: $(STAMP)
 	$(BIN)/ruff format .

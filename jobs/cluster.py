@@ -61,6 +61,11 @@ def table_path(config: ExperimentConfig, split: str | None = None) -> tuple[str,
     return STAGE, f"{name or 'images'}.parquet"
 
 
+def read_labeled(run: RunDir, config: ExperimentConfig, split: str | None = None) -> pa.Table:
+    """A split's mined masks with their clusters (the train split by default)."""
+    return pq.read_table(io.BytesIO(run.read_bytes(*table_path(config, split))))
+
+
 def save_kmeans(run: RunDir, result: KMeansResult) -> None:
     transform = result.transform
     sink = io.BytesIO()

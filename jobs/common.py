@@ -25,10 +25,14 @@ def connect(**init_kwargs: object) -> None:
 
 
 def start(
-    description: str | None, argv: Sequence[str] | None, *, preview: bool = False
+    description: str | None,
+    argv: Sequence[str] | None,
+    *,
+    preview: bool = False,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> tuple[ExperimentConfig, argparse.Namespace]:
-    """A driver's validated config (exit 2 naming the bad keys) and flags; the resolved config
-    is written into the run directory."""
+    """A driver's validated config (exit 2 naming the bad keys) and flags (`extra` adds its
+    own); the resolved config is written into the run directory."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -38,6 +42,8 @@ def start(
         parser.add_argument(
             "--preview", type=int, default=12, help="images in the preview grid (0: none)"
         )
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)

@@ -1,55 +1,127 @@
-"""The MaskDistill pipeline, stage by stage; a stage whose manifest matches the config is skipped.
+"""The MaskDistill pipeline, stage by stage, resumable.
 
     python -m jobs.pipeline --config configs/demo.yaml          # laptop: Ray starts in-process
     ray job submit --working-dir . -- python -m jobs.pipeline --config configs/pascal.yaml
 
-Stages so far: data (index and preview) -> mine (Sec 3.2 masks) -> cluster (K-means) ->
-detector (Mask R-CNN, Ray Train) -> distill (Sec 3.3 confident pseudo labels) ->
-segmenter (DeepLab-v3, Eq 4, Ray Train).
+Stages: data (index and preview) -> mine (Sec 3.2 masks) -> cluster (K-means) -> detector
+(Mask R-CNN, Ray Train) -> distill (Sec 3.3 confident pseudo labels) -> segmenter (DeepLab-v3,
+Eq 4, Ray Train) -> evaluate (Table 1 on the val split).
+
+A stage whose manifest matches the config is skipped; an interrupted one resumes from its
+finished shards or latest checkpoint. `--from STAGE` reruns that stage and every later one,
+`--only STAGE` runs one stage; the stages before them must be complete for this config. `--force`
+reruns every selected stage. The run ends with a summary table (stage, rows, time, key metric).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+import time
+from collections.abc import Callable, Sequence
 
-from jobs import cluster, distill, mine, train_detector, train_segmenter
+from jobs import cluster, distill, evaluate, mine, train_detector, train_segmenter
 from jobs.common import connect, start
+from maskdistill.config import ExperimentConfig
 from maskdistill.data import index
-from maskdistill.rundir import RunDir, read_manifest
+from maskdistill.rundir import RunDir, StageManifest, read_manifest, stage_status
 
-STAGES = (
-    "data",
-    mine.STAGE,
-    cluster.STAGE,
-    train_detector.STAGE,
-    distill.STAGE,
-    train_segmenter.STAGE,
-)
+Stage = Callable[..., StageManifest | None]
+STAGES: dict[str, Stage] = {
+    "data": index.run_stage,
+    mine.STAGE: mine.run_stage,
+    cluster.STAGE: cluster.run_stage,
+    train_detector.STAGE: train_detector.run_stage,
+    distill.STAGE: distill.run_stage,
+    train_segmenter.STAGE: train_segmenter.run_stage,
+    evaluate.STAGE: evaluate.run_stage,
+}
+HASHES: dict[str, Callable[[ExperimentConfig], str]] = {
+    "data": index.config_hash,
+    mine.STAGE: mine.config_hash,
+    cluster.STAGE: cluster.config_hash,
+    train_detector.STAGE: train_detector.config_hash,
+    distill.STAGE: distill.config_hash,
+    train_segmenter.STAGE: train_segmenter.config_hash,
+    evaluate.STAGE: evaluate.config_hash,
+}
+KEY_METRICS = {
+    cluster.STAGE: "clusters",
+    train_detector.STAGE: "loss",
+    train_segmenter.STAGE: "loss_seg",
+    evaluate.STAGE: f"miou {evaluate.SEGMENTER}",
+}
+
+
+def selected(args: argparse.Namespace) -> list[str]:
+    """The stages this invocation runs, in order."""
+    names = list(STAGES)
+    if args.only:
+        return [args.only]
+    if args.start:
+        return names[names.index(args.start) :]
+    return names
+
+
+def check_upstream(config: ExperimentConfig, first: str) -> None:
+    """The stages before `first` must be complete for this config."""
+    run = RunDir(config.run_dir)
+    for name in list(STAGES)[: list(STAGES).index(first)]:
+        status = stage_status(run, name, HASHES[name](config))
+        if status != "complete":
+            raise SystemExit(
+                f"error: stage {name!r} is {status} for this config; run it first "
+                f"(or start with --from {name})"
+            )
 
 
 def summary(run: RunDir, ran: dict[str, bool]) -> str:
-    """One line per stage: whether it ran, its counts, time and key metrics."""
-    lines = [f"{'stage':<10} {'run':<8} {'inputs':>8} {'outputs':>8} {'skipped':>8} {'seconds':>8}"]
+    """One row per stage: whether it ran, its counts, time and key metric."""
+    lines = [
+        f"{'stage':<10} {'run':<8} {'inputs':>8} {'outputs':>8} {'skipped':>8} {'seconds':>8}  "
+        "key metric"
+    ]
     for stage in STAGES:
         manifest = read_manifest(run, stage)
         if manifest is None:
             continue
+        key = KEY_METRICS.get(stage)
+        metric = f"{key} {manifest.metrics[key]:.4g}" if key in manifest.metrics else ""
         lines.append(
             f"{stage:<10} {'ran' if ran.get(stage) else 'reused':<8} {manifest.inputs:>8} "
-            f"{manifest.outputs:>8} {len(manifest.skipped):>8} {manifest.seconds:>8.1f}"
+            f"{manifest.outputs:>8} {len(manifest.skipped):>8} {manifest.seconds:>8.1f}  {metric}"
         )
     return "\n".join(lines)
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--from", dest="start", choices=list(STAGES), help="rerun from this stage")
+    choice.add_argument("--only", choices=list(STAGES), help="run this stage alone")
+
+
+def run_pipeline(config: ExperimentConfig, args: argparse.Namespace) -> dict[str, bool]:
+    """Run the selected stages in order; which of them ran (rather than being reused)."""
+    stages = selected(args)
+    check_upstream(config, stages[0])
+    ran: dict[str, bool] = {}
+    for number, name in enumerate(stages, start=1):
+        print(f"== stage {number}/{len(stages)}: {name} ==", flush=True)
+        begin = time.perf_counter()
+        if name != "data":
+            connect()
+        force = args.force or (args.start is not None)
+        ran[name] = STAGES[name](config, force=force) is not None
+        print(
+            f"== {name}: {'done' if ran[name] else 'reused'} in "
+            f"{time.perf_counter() - begin:.1f} s ==",
+            flush=True,
+        )
+    return ran
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    config, args = start(__doc__, argv)
-    ran = {"data": index.run_stage(config, force=args.force) is not None}
-    connect()
-    ran[mine.STAGE] = mine.run_stage(config, force=args.force) is not None
-    ran[cluster.STAGE] = cluster.run_stage(config, force=args.force) is not None
-    ran[train_detector.STAGE] = train_detector.run_stage(config, force=args.force) is not None
-    ran[distill.STAGE] = distill.run_stage(config, force=args.force) is not None
-    ran[train_segmenter.STAGE] = train_segmenter.run_stage(config, force=args.force) is not None
+    config, args = start(__doc__, argv, extra=add_arguments)
+    ran = run_pipeline(config, args)
     print(summary(RunDir(config.run_dir), ran))
     return 0
 

@@ -14,12 +14,10 @@ trained weights end in `detector/model.pt` for the distill stage.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from typing import Any
 
-import pyarrow.parquet as pq
 import ray.train
 import ray.train.torch
 import torch
@@ -98,7 +96,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         momentum=det.momentum,
         weight_decay=det.weight_decay,
     )
-    rows = pq.read_table(io.BytesIO(run.read_bytes(*cluster.table_path(config)))).to_pylist()
+    rows = cluster.read_labeled(run, config).to_pylist()
     samples = MaskTargets(rows, dataset_of(config.data, config.data.train_split), seed=config.seed)
 
     def batch_at(iteration: int) -> Any:
@@ -157,7 +155,7 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
         max_failures=det.max_failures,
     )
     export_weights(run, STAGE, num_classes=num_classes(run), arch=det.arch)
-    manifest.inputs = len(pq.read_table(io.BytesIO(run.read_bytes(*cluster.table_path(config)))))
+    manifest.inputs = len(cluster.read_labeled(run, config))
     manifest.outputs = det.max_iters
     manifest.metrics.update({k: float(v) for k, v in metrics.items() if k != "iteration"})
 

@@ -9,6 +9,9 @@ Weights come from `build_backbone(arch, weights=...)`:
 - ``"random"``: timm's initialisation; nothing is downloaded.
 - ``"hub"``: timm ``pretrained=True`` for the hub tag in `arch` (e.g.
   ``vit_small_patch16_224.dino``). This is the only path that touches the network.
+- ``"pretrain"`` in a config: the teacher backbone this run's DINO pretraining wrote
+  (`maskdistill.pretrain`, ``run_dir/pretrain/backbone.pth``); `backbone_weights(config)` turns
+  it into that file for `build_backbone`.
 - a local path or URI (``s3://...``; read through `maskdistill.storage.resolve`): an official
   DINO release ``.pth`` (plain, or a training checkpoint with ``teacher``/``student`` entries),
   a timm state dict (``.pth``/``.pt``/``.bin``) or ``.safetensors``. Loading is strict.
@@ -30,6 +33,8 @@ from timm.layers import Attention
 from timm.models import is_model_in_modules, split_model_name_tag
 from timm.models.vision_transformer import VisionTransformer
 
+from maskdistill.config import ExperimentConfig
+from maskdistill.rundir import RunDir
 from maskdistill.storage import read_bytes, write_bytes
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -43,6 +48,8 @@ _STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 # DINO's projection head and timm's classifier: the backbone is built without a head.
 _DROP_PREFIX = "head."
 _LIST_LIMIT = 10
+PRETRAINED = "pretrain"  # backbone.weights: this run's own DINO pretraining
+PRETRAINED_BACKBONE = ("pretrain", "backbone.pth")  # where it is, under the run directory
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,20 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def backbone_weights(config: ExperimentConfig) -> str:
+    """`backbone.weights` as `build_backbone` takes it: 'pretrain' becomes this run's file."""
+    if config.backbone.weights == PRETRAINED:
+        return RunDir(config.run_dir).uri_of(*PRETRAINED_BACKBONE)
+    return config.backbone.weights
+
+
 def build_backbone(arch: str = "vit_small_patch16_224", *, weights: str = "random") -> ViTBackbone:
     """A frozen, eval-mode backbone; `weights` is "random", "hub" or a checkpoint path/URI."""
+    if weights == PRETRAINED:
+        raise ValueError(
+            f"weights={PRETRAINED!r} names a run's own pretrained backbone; pass "
+            "backbone_weights(config), the file the run's pretrain stage writes"
+        )
     name, tag = split_model_name_tag(arch)
     if not timm.is_model(name):
         raise ValueError(f"unknown timm architecture {arch!r}")

@@ -19,6 +19,9 @@ RAY_COMMANDS = {
     "distill": "jobs.distill",
     "train-segmenter": "jobs.train_segmenter",
     "pipeline": "jobs.pipeline",
+    "evaluate": "jobs.evaluate",
+    "demo": "jobs.demo",
+    "serve": "serve.app",
 }
 
 
@@ -49,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("train-detector", "Sec 3.2: distill a Mask R-CNN on the clustered masks (Ray Train)"),
         ("distill", "Sec 3.3: confident detector masks -> pseudo-label maps (Ray Data)"),
         ("train-segmenter", "Sec 3.3 Eq 4: DeepLab-v3 on the pseudo labels (Ray Train)"),
-        ("pipeline", "every stage in order, skipping finished ones"),
+        ("evaluate", "Sec 4.1, A.2-A.4: Table 1 mIoU, mask AP, pictures on the val split"),
+        ("pipeline", "every stage in order, skipping finished ones (--from, --only)"),
+        ("demo", "the pipeline on synthetic scenes, then one query to the HTTP service"),
+        ("predict", "label PNGs for a folder / URI of images (no Ray)"),
+        ("serve", "HTTP segmentation service for a trained run (Ray Serve)"),
     ):
         commands.add_parser(name, help=help_text, add_help=False)
     return parser
@@ -57,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "predict":
+        from maskdistill.predict import main as predict
+
+        return predict(argv[1:])
     if argv and argv[0] in RAY_COMMANDS:
         job = importlib.import_module(RAY_COMMANDS[argv[0]])
         return int(job.main(argv[1:]))

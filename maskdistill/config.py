@@ -97,8 +97,79 @@ class BackboneConfig(Section):
     weights: str = Field(
         "random",
         description="'random', 'hub' (timm hub tag, e.g. arch vit_small_patch16_224.dino), "
+        "'pretrain' (this run's DINO pretraining on its own train split: pretrain/backbone.pth), "
         "or a local path / URI to a DINO release .pth, timm state dict or .safetensors",
     )
+
+
+class PretrainConfig(Section):
+    """DINO self-distillation of `backbone.arch` on the train split (stage `pretrain`).
+
+    Runs only when backbone.weights is 'pretrain'. Defaults are DINO's ViT-S/16 recipe (Caron et
+    al. 2021); `lr` is for 256 images per step and scales linearly with `batch_size`. Epoch
+    counts become iterations at train_images // batch_size per epoch.
+    Tuning on small images and few iterations (configs/demo.yaml): the global crops should keep
+    objects at the size mining sees them (crop scale near 1, size near mining.short_side);
+    `out_dim` of a few thousand is enough for a few hundred images and much cheaper than 65536;
+    a warmer final teacher temperature (0.07) learns faster once warmed up.
+    """
+
+    epochs: Positive = 100
+    batch_size: Positive = Field(64, description="global batch, split evenly over the workers")
+    lr: Annotated[float, Field(gt=0.0)] = Field(5e-4, description="peak lr for 256 images/step")
+    min_lr: Annotated[float, Field(ge=0.0)] = 1e-6
+    warmup_epochs: NonNegative = Field(10, description="linear lr warm-up from 0")
+    weight_decay: Annotated[float, Field(ge=0.0)] = Field(0.04, description="cosine from this...")
+    weight_decay_end: Annotated[float, Field(ge=0.0)] = Field(0.4, description="...to this")
+    momentum_teacher: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.996, description="EMA momentum of the teacher, cosine to 1"
+    )
+    teacher_temp: Annotated[float, Field(gt=0.0)] = 0.04
+    warmup_teacher_temp: Annotated[float, Field(gt=0.0)] = Field(
+        0.04, description="teacher temperature at iteration 0, linear to teacher_temp"
+    )
+    warmup_teacher_temp_epochs: NonNegative = 0
+    student_temp: Annotated[float, Field(gt=0.0)] = 0.1
+    center_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    out_dim: Positive = Field(65536, description="prototypes of the DINO head")
+    hidden_dim: Positive = 2048
+    bottleneck_dim: Positive = 256
+    norm_last_layer: bool = Field(True, description="weight-normed last layer with g fixed to 1")
+    head_batch_norm: bool = Field(False, description="BatchNorm in the head MLP (use_bn_in_head)")
+    freeze_last_layer_epochs: NonNegative = 1
+    clip_grad: Annotated[float, Field(ge=0.0)] = Field(
+        3.0, description="per-parameter gradient norm cap; 0 turns clipping off"
+    )
+    global_crop_size: Positive = 224
+    global_crop_scale: tuple[Fraction, Fraction] = (0.4, 1.0)
+    local_crops: NonNegative = Field(8, description="small crops seen by the student only")
+    local_crop_size: Positive = 96
+    local_crop_scale: tuple[Fraction, Fraction] = (0.05, 0.4)
+    checkpoint_every_epochs: Positive = 10
+    num_workers: Positive = Field(1, description="Ray Train workers (one per GPU)")
+    cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
+    use_gpu: bool = True
+    max_failures: NonNegative = 2
+    loader_threads: Positive = 4
+    precision: Precision = "bf16"
+    attention_images: NonNegative = Field(
+        6, description="val images in pretrain/attention.png (last block's CLS attention)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PretrainConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of num_workers={self.num_workers}"
+            )
+        for name in ("global_crop_scale", "local_crop_scale"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name}=({low}, {high}) must be (low, high) with low <= high")
+        for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
+            if getattr(self, name) > self.epochs:
+                raise ValueError(f"{name}={getattr(self, name)} must be <= epochs={self.epochs}")
+        return self
 
 
 class MiningConfig(Section):
@@ -265,26 +336,74 @@ class EvaluationConfig(Section):
 
     matching: Literal["hungarian", "majority"] = "hungarian"
     linear_probe: bool = True
+    probe_epochs: Positive = Field(45, description="A.2: linear probe training epochs")
+    probe_batch_size: Positive = Field(24, description="A.2: images per linear probe step")
+    probe_lr: Annotated[float, Field(gt=0.0)] = Field(
+        0.1, description="A.2: the probe's initial SGD learning rate (momentum 0.9, wd 1e-4)"
+    )
+    probe_milestones: list[Positive] = Field(
+        [25], description="A.2: epochs after which the probe's lr is divided by 10, increasing"
+    )
+    probe_max_images: Positive | None = Field(
+        None,
+        description="train images the probe uses at most (None: all); their features are "
+        "cached, 4 MiB per 512 x 512 image at output stride 8",
+    )
     mask_ap: bool = True
     crf: bool = False
     num_overlays: NonNegative = 8
+    batch_size: Positive = Field(8, description="val images per segmenter forward")
+    num_gpus: Annotated[float, Field(ge=0.0)] = Field(
+        1.0, description="GPUs of the evaluation task; 0 evaluates on CPU"
+    )
+    num_cpus: Annotated[float, Field(gt=0.0)] = Field(
+        1.0, description="CPUs reserved for the evaluation task"
+    )
+
+    @model_validator(mode="after")
+    def _increasing_milestones(self) -> EvaluationConfig:
+        steps = self.probe_milestones
+        if any(later <= earlier for earlier, later in zip(steps, steps[1:], strict=False)):
+            raise ValueError(f"probe_milestones={steps} must be strictly increasing")
+        return self
 
 
 class ServeConfig(Section):
-    """HTTP segmentation service."""
+    """HTTP segmentation service (`serve/`): limits, batching, replicas.
 
-    host: str = "127.0.0.1"
+    Tuning: one replica holds one segmenter; up to `max_batch_size` concurrent requests share a
+    call (images of one size one forward pass). That amortises per-call overhead even on a CPU:
+    under 8 concurrent clients of 64x64 images on 2 cores, batch 8 served 1.6-1.8x the
+    requests/s of batch 1 at 0.5-0.65x its p50 latency (benchmarks/serve.py). Each replica accepts
+    2 x max_batch_size requests at once (one batch running, the next filling) and the autoscaler
+    aims at max_batch_size requests in flight per replica. `batch_wait_timeout_s` is the most a
+    lone request waits for company; keep it well under one forward pass. min_replicas 0 scales
+    to zero when idle (the next request then waits for a replica to load the model).
+    """
+
+    host: str = Field("127.0.0.1", description="0.0.0.0 to listen on every interface")
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
-    max_body_bytes: Positive = 20 * 1024 * 1024
-    max_pixels: Positive = 40_000_000
+    max_body_bytes: Positive = Field(20 * 1024 * 1024, description="larger bodies get 413")
+    max_pixels: Positive = Field(
+        40_000_000, description="larger images get 413, checked from the header before decoding"
+    )
     min_replicas: NonNegative = 1
     max_replicas: Positive = 4
     max_batch_size: Positive = 8
     batch_wait_timeout_s: Annotated[float, Field(ge=0.0)] = 0.01
-    num_gpus: Annotated[float, Field(ge=0.0)] = 0.0
+    num_gpus: Annotated[float, Field(ge=0.0)] = Field(0.0, description="GPUs per replica")
     auth_token_env: str | None = Field(
-        None, description="env var holding a bearer token; unset = no auth"
+        None,
+        description="env var holding a bearer token, set where the replicas run; None: no auth",
     )
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas={self.min_replicas} must be <= max_replicas={self.max_replicas}"
+            )
+        return self
 
 
 class ExperimentConfig(Section):
@@ -295,6 +414,7 @@ class ExperimentConfig(Section):
     seed: NonNegative = 0
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = BackboneConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     mining: MiningConfig = MiningConfig()
     clustering: ClusteringConfig = ClusteringConfig()
     detector: DetectorConfig = DetectorConfig()

@@ -2,8 +2,9 @@
 
 Semantic segmentation (Sec 4.1 "Clustering", A.3): a confusion matrix of predicted clusters against
 ground-truth classes, Hungarian (or, for overclustering, majority) matching, per-class IoU and mIoU,
-a Table S2 style per-class table and a confusion heat map. Instances (A.4): COCO-style mask AP
-through pycocotools.
+a Table S2 style per-class table and a confusion heat map; the linear probe's predictions are
+already class ids (`matching="identity"`, A.2). Instances (A.4, Table 3): COCO-style mask AP
+through pycocotools in the `single` and `multi` object settings, class-agnostic or semantic.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -33,13 +34,192 @@ class InstanceSet:
     scores: np.ndarray
 
 
+ObjectSetting = Literal["single", "multi"]
+
+
+def instance_mask_ap(
+    truth: Sequence[InstanceSet],
+    predictions: Sequence[InstanceSet],
+    *,
+    setting: ObjectSetting,
+    class_agnostic: bool,
+) -> dict[str, float]:
+    """A.4, Table 3: COCO mask AP, AP50 and AP75 (0..1) in the `single` or `multi` object setting.
+
+    multi: every prediction is evaluated against every ground-truth mask. single: per image only
+    the most confident prediction is kept, with the ground-truth object whose bounding box has
+    the largest IoU with its box (ties: the first). An image without predictions keeps its
+    largest object, as a miss; an image without objects keeps its top prediction, as a false
+    positive (dropping either would reward predicting nothing on hard images).
+    class_agnostic False (semantic): prediction classes are cluster ids unrelated to the ground
+    truth's; after the single selection, clusters are matched one-to-one to classes by the
+    Hungarian algorithm on their summed pixel overlap over the evaluated masks (per image, the
+    union of a cluster's masks against the union of a class's masks; Sec 4.1's clustering
+    protocol on instance masks). A cluster left unmatched (more clusters than classes) is scored
+    as false positives of the class it overlaps most (lowest class id on ties), never as true
+    positives, so overclustering costs precision instead of vanishing from the evaluation.
+    """
+    if setting not in get_args(ObjectSetting):
+        raise ValueError(f"setting {setting!r} is not one of {list(get_args(ObjectSetting))}")
+    predicted = _by_image(truth, predictions)
+    if setting == "single":
+        truth, predictions = _single_object(truth, predicted)
+    else:
+        predictions = list(predicted.values())
+    if not class_agnostic:
+        truth, predictions = _match_clusters(truth, predictions)
+    return mask_ap(truth, predictions, class_agnostic=class_agnostic)
+
+
+def _by_image(
+    truth: Sequence[InstanceSet], predictions: Sequence[InstanceSet]
+) -> dict[str, InstanceSet]:
+    """Predictions by image id; ValueError for repeated ids, KeyError for unknown images."""
+    known: set[str] = set()
+    for instance_set in truth:
+        if instance_set.image_id in known:
+            raise ValueError(f"ground truth lists image {instance_set.image_id!r} twice")
+        known.add(instance_set.image_id)
+    predicted: dict[str, InstanceSet] = {}
+    for instance_set in predictions:
+        if instance_set.image_id not in known:
+            raise KeyError(f"prediction for {instance_set.image_id!r}, which has no ground truth")
+        if instance_set.image_id in predicted:
+            raise ValueError(f"predictions list image {instance_set.image_id!r} twice")
+        predicted[instance_set.image_id] = instance_set
+    return predicted
+
+
+def _take(instance_set: InstanceSet, index: np.ndarray, image_id: str | None = None) -> InstanceSet:
+    return InstanceSet(
+        instance_set.image_id if image_id is None else image_id,
+        instance_set.masks[index],
+        instance_set.classes[index],
+        instance_set.scores[index],
+    )
+
+
+def _single_object(
+    truth: Sequence[InstanceSet], predicted: dict[str, InstanceSet]
+) -> tuple[list[InstanceSet], list[InstanceSet]]:
+    # A.4 single: the most confident mask and the object with the largest box IoU with it.
+    kept_truth: list[InstanceSet] = []
+    kept_predictions: list[InstanceSet] = []
+    for objects in truth:
+        prediction = predicted.get(objects.image_id)
+        if prediction is None or len(prediction.scores) == 0:
+            largest = np.argsort(-objects.masks.sum(axis=(1, 2)), kind="stable")[:1]
+            kept_truth.append(_take(objects, largest))
+            continue
+        top = int(np.argmax(prediction.scores))
+        kept_predictions.append(_take(prediction, np.array([top])))
+        overlaps = _box_iou(_box(prediction.masks[top]), [_box(m) for m in objects.masks])
+        kept_truth.append(_take(objects, np.argsort(-overlaps, kind="stable")[:1]))
+    return kept_truth, kept_predictions
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right), bottom/right exclusive; all 0 for an empty mask."""
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return 0, 0, 0, 0
+    return int(rows[0]), int(columns[0]), int(rows[-1]) + 1, int(columns[-1]) + 1
+
+
+def _box_iou(box: tuple[int, int, int, int], others: list[tuple[int, int, int, int]]) -> np.ndarray:
+    if not others:
+        return np.zeros(0)
+    boxes = np.array(others, dtype=np.float64).reshape(-1, 4)
+    top, left = np.maximum(boxes[:, 0], box[0]), np.maximum(boxes[:, 1], box[1])
+    bottom, right = np.minimum(boxes[:, 2], box[2]), np.minimum(boxes[:, 3], box[3])
+    inter = np.clip(bottom - top, 0, None) * np.clip(right - left, 0, None)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = areas + (box[2] - box[0]) * (box[3] - box[1]) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _match_clusters(
+    truth: Sequence[InstanceSet], predictions: Sequence[InstanceSet]
+) -> tuple[list[InstanceSet], list[InstanceSet]]:
+    """A.4: predictions relabelled with the ground-truth class Hungarian-matched to their cluster.
+
+    Masks of unmatched clusters move to a companion image without objects (same size), labelled
+    with the class they overlap most: there they can only be false positives of that class.
+    """
+    clusters, classes, overlap = _cluster_class_overlap(truth, predictions)
+    if classes.size == 0 or clusters.size == 0:
+        return list(truth), list(predictions)
+    mapping = _hungarian_mapping(overlap)
+    matched = mapping >= 0
+    target = np.where(matched, mapping, overlap.argmax(axis=1))
+    sizes = {t.image_id: t.masks.shape[1:] for t in truth}
+    taken = set(sizes)
+    truth_out, predictions_out = list(truth), []
+    for prediction in predictions:
+        index = np.searchsorted(clusters, prediction.classes)
+        relabelled = InstanceSet(
+            prediction.image_id, prediction.masks, classes[target[index]], prediction.scores
+        )
+        predictions_out.append(_take(relabelled, np.flatnonzero(matched[index])))
+        if matched[index].all():
+            continue
+        companion = _unused_name(f"{prediction.image_id}#unmatched", taken)
+        empty = np.zeros((0, *sizes[prediction.image_id]), dtype=bool)
+        truth_out.append(InstanceSet(companion, empty, np.zeros(0, np.int64), np.zeros(0)))
+        predictions_out.append(_take(relabelled, np.flatnonzero(~matched[index]), companion))
+    return truth_out, predictions_out
+
+
+def _unused_name(name: str, taken: set[str]) -> str:
+    while name in taken:
+        name += "#"
+    taken.add(name)
+    return name
+
+
+def _cluster_class_overlap(
+    truth: Sequence[InstanceSet], predictions: Sequence[InstanceSet]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted cluster ids [K], sorted class ids [C] and the pixels each pair shares [K, C].
+
+    Per image, the union of a cluster's masks against the union of a class's masks (overlapping
+    masks of one cluster count once), summed over the images.
+    """
+    clusters = _unique_ids([p.classes for p in predictions])
+    classes = _unique_ids([t.classes for t in truth])
+    overlap = np.zeros((len(clusters), len(classes)))
+    objects = {t.image_id: t for t in truth}
+    for prediction in predictions:
+        ground = objects[prediction.image_id]
+        rows, predicted = _class_unions(prediction, clusters)
+        columns, true = _class_unions(ground, classes)
+        overlap[np.ix_(rows, columns)] += predicted @ true.T
+    return clusters, classes, overlap
+
+
+def _unique_ids(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.unique(np.concatenate([np.zeros(0, np.int64), *arrays]).astype(np.int64))
+
+
+def _class_unions(instance_set: InstanceSet, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in `ids` of the set's classes and the flattened union of each one's masks."""
+    present = np.unique(instance_set.classes).astype(np.int64)
+    masks = instance_set.masks
+    flat = masks.reshape(masks.shape[0], math.prod(masks.shape[1:]))
+    unions = [flat[instance_set.classes == c].any(axis=0) for c in present]
+    stacked = np.array(unions, dtype=np.float64).reshape(len(present), flat.shape[1])
+    return np.searchsorted(ids, present), stacked
+
+
 def mask_ap(
     truth: Sequence[InstanceSet], predictions: Sequence[InstanceSet], *, class_agnostic: bool
 ) -> dict[str, float]:
     """A.4: COCO mask AP, AP50 and AP75 (0..1) of `predictions` against `truth`, by image id.
 
-    class_agnostic: every mask is one class (Table 3 a, b); else classes must already be matched
-    to the ground-truth ids (Hungarian matching happens before). No prediction gives 0, not -1.
+    The lower-level call behind `instance_mask_ap`: every prediction is evaluated.
+    class_agnostic: every mask is one class (Table 3 a, b); else classes must already be
+    matched to the ground-truth ids (Hungarian matching happens before). No prediction gives
+    0, not -1.
     """
     images = {t.image_id: i + 1 for i, t in enumerate(truth)}
     ground = COCO()
@@ -142,9 +322,20 @@ def _majority_mapping(confusion: np.ndarray) -> np.ndarray:
     return np.where(confusion.sum(axis=1) > 0, confusion.argmax(axis=1), -1).astype(np.int64)
 
 
+def _identity_mapping(confusion: np.ndarray) -> np.ndarray:
+    # A.2: the linear probe is trained on the ground-truth classes; prediction p is class p.
+    if confusion.shape[0] != confusion.shape[1]:
+        raise ValueError(
+            f"matching 'identity' needs a square confusion (predictions are class ids), "
+            f"got shape {confusion.shape}"
+        )
+    return np.arange(confusion.shape[0], dtype=np.int64)
+
+
 _MATCHINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "hungarian": _hungarian_mapping,
     "majority": _majority_mapping,
+    "identity": _identity_mapping,
 }
 
 
@@ -160,6 +351,8 @@ def remap_confusion(confusion: np.ndarray, mapping: np.ndarray) -> np.ndarray:
 def segmentation_scores(confusion: np.ndarray, *, matching: str = "hungarian") -> dict[str, Any]:
     """Sec 4.1 (ii), A.3: match clusters to classes, then IoU per class and their mean.
 
+    matching: "hungarian" (one-to-one, Sec 4.1), "majority" (overclustering) or "identity"
+    (predictions already are class ids, as the linear probe's, A.2; square confusion only).
     `confusion[p, g]` as from `confusion_matrix`. Returns `miou` (float, 0..1), `iou` (float
     [num_classes]) and `mapping` (int [num_predicted], the class of each prediction, -1 for none).
     Pixels of unmapped predictions count as misses of their true class. A class absent from the

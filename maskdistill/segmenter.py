@@ -195,7 +195,7 @@ def predict_segmentation(model: nn.Module, image: Tensor) -> Tensor:
 
 def normalize(image: np.ndarray) -> Tensor:
     """float32 [3, H, W], ImageNet-normalised, from uint8 [H, W, 3] RGB."""
-    return to_model_input(torch.from_numpy(np.ascontiguousarray(image))[None])[0]
+    return to_model_input(torch.from_numpy(np.require(image, requirements=["C", "W"]))[None])[0]
 
 
 class SegmentationSamples(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):

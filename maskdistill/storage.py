@@ -59,6 +59,16 @@ def list_files(uri: str) -> list[str]:
     return sorted(e.base_name for e in entries if e.type == pafs.FileType.File)
 
 
+def list_tree(uri: str) -> set[str]:
+    """Paths (relative to `uri`, with `/`) of every file under the folder `uri`, recursively."""
+    filesystem, path = resolve(uri)
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return set()
+    entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+    base = path.rstrip("/") + "/"
+    return {e.path.removeprefix(base) for e in entries if e.type == pafs.FileType.File}
+
+
 def delete_file(uri: str) -> None:
     filesystem, path = resolve(uri)
     filesystem.delete_file(path)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from maskdistill.data.base import IGNORE_INDEX
 
@@ -81,6 +82,52 @@ def image_grid(
 def _fit_height(tile: np.ndarray, height: int) -> np.ndarray:
     width = max(1, round(tile.shape[1] * height / tile.shape[0]))
     return np.asarray(Image.fromarray(tile).resize((width, height), Image.Resampling.NEAREST))
+
+
+def labelled_overlays(
+    rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    class_names: Sequence[str],
+    *,
+    tile: int = 160,
+) -> np.ndarray:
+    """One row per image: image | ground truth | prediction (labels as class ids, IGNORE_INDEX
+    white), over a colour legend naming every class."""
+    tiles = [
+        [image, overlay(image, truth), overlay(image, predicted)]
+        for image, truth, predicted in rows
+    ]
+    grid = image_grid(tiles, tile=tile)
+    key = legend(class_names, width=grid.shape[1])
+    return np.concatenate([grid, key], axis=0)
+
+
+def legend(class_names: Sequence[str], *, width: int, swatch: int = 12, gap: int = 6) -> np.ndarray:
+    """uint8 [h, width, 3]: a colour swatch and the name of each label, wrapped into lines."""
+    font = ImageFont.load_default()
+    colours = palette(len(class_names))
+    entries = [
+        (colours[i], name, math.ceil(font.getlength(name))) for i, name in enumerate(class_names)
+    ]
+    lines: list[list[tuple[np.ndarray, str, int]]] = [[]]
+    used = gap
+    for entry in entries:
+        size = swatch + 4 + entry[2] + 2 * gap
+        if lines[-1] and used + size > width:
+            lines.append([])
+            used = gap
+        lines[-1].append(entry)
+        used += size
+    picture = Image.new("RGB", (width, len(lines) * (swatch + gap) + gap), "white")
+    draw = ImageDraw.Draw(picture)
+    for row, line in enumerate(lines):
+        x, y = gap, gap + row * (swatch + gap)
+        for colour, name, length in line:
+            draw.rectangle(
+                (x, y, x + swatch, y + swatch), fill=tuple(int(c) for c in colour), outline="black"
+            )
+            draw.text((x + swatch + 4, y), name, fill="black", font=font)
+            x += swatch + 4 + length + 2 * gap
+    return np.asarray(picture)
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -1,11 +1,18 @@
+import contextlib
+import io
+
 import numpy as np
 import pytest
+from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from maskdistill.evaluation import (
     InstanceSet,
     _grid_origin,
     confusion_matrix,
     confusion_picture,
+    instance_mask_ap,
     mask_ap,
     per_class_table,
     remap_confusion,
@@ -223,3 +230,188 @@ def test_confusion_picture_normalises_truth_rows() -> None:
     assert row1_diag == row0[1]
     with pytest.raises(ValueError, match="classes squared"):
         confusion_picture(remapped, ["a", "b", "c"])
+
+
+def test_identity_matching_keeps_class_ids() -> None:
+    # Hungarian would swap the two predictions; identity scores them as they are.
+    # IoU 1 / (6 + 7 - 1) = 1/12 and 2 / (8 + 7 - 2) = 2/13.
+    confusion = np.array([[1, 5], [6, 2]])
+    scores = segmentation_scores(confusion, matching="identity")
+    np.testing.assert_array_equal(scores["mapping"], [0, 1])
+    np.testing.assert_allclose(scores["iou"], [1 / 12, 2 / 13])
+    assert scores["miou"] == pytest.approx((1 / 12 + 2 / 13) / 2)
+    assert segmentation_scores(confusion)["miou"] > scores["miou"]
+    with pytest.raises(ValueError, match=r"identity.*square.*\(3, 2\)"):
+        segmentation_scores(np.ones((3, 2), int), matching="identity")
+
+
+def _coco_direct(
+    truth: list[InstanceSet], predictions: list[InstanceSet], *, agnostic: bool
+) -> list[float]:
+    """AP, AP50, AP75 from pycocotools on hand-built COCO dicts (the reference)."""
+    ids = {t.image_id: n for n, t in enumerate(truth, start=1)}
+
+    def encoded(mask: np.ndarray) -> dict:
+        return coco_mask.encode(np.asfortranarray(mask, dtype=np.uint8))
+
+    annotations, results = [], []
+    for t in truth:
+        for mask, cls in zip(t.masks, t.classes, strict=True):
+            rle = encoded(mask)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": ids[t.image_id],
+                    "category_id": 1 if agnostic else int(cls),
+                    "segmentation": rle,
+                    "area": float(mask.sum()),
+                    "bbox": coco_mask.toBbox(rle).tolist(),
+                    "iscrowd": 0,
+                }
+            )
+    for p in predictions:
+        for mask, cls, score in zip(p.masks, p.classes, p.scores, strict=True):
+            results.append(
+                {
+                    "image_id": ids[p.image_id],
+                    "category_id": 1 if agnostic else int(cls),
+                    "segmentation": encoded(mask),
+                    "score": float(score),
+                }
+            )
+    categories = {a["category_id"] for a in annotations} | {r["category_id"] for r in results}
+    ground = COCO()
+    ground.dataset = {
+        "images": [{"id": n, "height": 20, "width": 20} for n in ids.values()],
+        "annotations": annotations,
+        "categories": [{"id": c} for c in sorted(categories)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground.createIndex()
+        evaluator = COCOeval(ground, ground.loadRes(results), iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(v) for v in evaluator.stats[:3]]
+
+
+# Three images, classes 1 and 2; predictions shifted by 0..3 pixels, one false positive, one
+# object missed, scores out of order, classes as clusters 7 (for 1) and 4 (for 2).
+AP_TRUTH = [
+    _set("a", [_square(0, 0, 10), _square(12, 12, 6)], [1, 2], [1.0, 1.0]),
+    _set("b", [_square(5, 5, 8), _square(0, 14, 5)], [2, 1], [1.0, 1.0]),
+    _set("c", [_square(2, 2, 12)], [1], [1.0]),
+]
+AP_PREDICTIONS = [
+    _set("a", [_square(1, 0, 10), _square(12, 13, 6)], [1, 2], [0.9, 0.4]),
+    _set("b", [_square(6, 6, 8), _square(0, 0, 4)], [2, 2], [0.8, 0.7]),
+    _set("c", [_square(5, 3, 12)], [1], [0.6]),
+]
+CLUSTERS = {1: 7, 2: 4}
+
+
+def _as_clusters(sets: list[InstanceSet]) -> list[InstanceSet]:
+    return [
+        InstanceSet(s.image_id, s.masks, np.array([CLUSTERS[c] for c in s.classes]), s.scores)
+        for s in sets
+    ]
+
+
+def test_multi_agrees_with_pycocotools_called_directly() -> None:
+    for agnostic in (True, False):
+        expected = _coco_direct(AP_TRUTH, AP_PREDICTIONS, agnostic=agnostic)
+        # Semantic: cluster ids 7 and 4 must be matched back to classes 1 and 2 first.
+        predictions = AP_PREDICTIONS if agnostic else _as_clusters(AP_PREDICTIONS)
+        scores = instance_mask_ap(AP_TRUTH, predictions, setting="multi", class_agnostic=agnostic)
+        assert [scores["AP"], scores["AP50"], scores["AP75"]] == pytest.approx(expected)
+        assert 0.0 < scores["AP75"] < scores["AP50"] < 1.0
+
+
+def test_single_agrees_with_pycocotools_on_the_selected_pairs() -> None:
+    # Top predictions: a's first (0.9), b's first (0.8), c's only; the objects with the largest
+    # box IoU with them: a's class-1 square, b's class-2 square, c's square.
+    truth = [
+        _set("a", [_square(0, 0, 10)], [1], [1.0]),
+        _set("b", [_square(5, 5, 8)], [2], [1.0]),
+        AP_TRUTH[2],
+    ]
+    predictions = [
+        _set("a", [_square(1, 0, 10)], [1], [0.9]),
+        _set("b", [_square(6, 6, 8)], [2], [0.8]),
+        AP_PREDICTIONS[2],
+    ]
+    for agnostic in (True, False):
+        expected = _coco_direct(truth, predictions, agnostic=agnostic)
+        scores = instance_mask_ap(
+            AP_TRUTH, _as_clusters(AP_PREDICTIONS), setting="single", class_agnostic=agnostic
+        )
+        assert [scores["AP"], scores["AP50"], scores["AP75"]] == pytest.approx(expected)
+
+
+def test_single_forgives_missed_objects_that_multi_counts() -> None:
+    # One object of two found: multi recall 1/2, so AP50 = 51/101 (101-point interpolation).
+    truth = [_set("a", [_square(0, 0, 8), _square(10, 10, 8)], [1, 1], [1.0, 1.0])]
+    predictions = [_set("a", [_square(10, 10, 8)], [1], [0.9])]
+    multi = instance_mask_ap(truth, predictions, setting="multi", class_agnostic=True)
+    single = instance_mask_ap(truth, predictions, setting="single", class_agnostic=True)
+    assert multi["AP50"] == pytest.approx(51 / 101)
+    # The second object has the largest box IoU with the prediction, so single scores 1.
+    assert single == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0})
+
+
+def test_single_keeps_only_the_most_confident_prediction() -> None:
+    # A confident miss ranked above the hit: multi AP50 = 1/2, single keeps only the miss.
+    truth = [_set("a", [_square(0, 0, 10)], [1], [1.0])]
+    predictions = [_set("a", [_square(12, 12, 6), _square(0, 0, 10)], [1, 1], [0.9, 0.5])]
+    multi = instance_mask_ap(truth, predictions, setting="multi", class_agnostic=True)
+    single = instance_mask_ap(truth, predictions, setting="single", class_agnostic=True)
+    assert multi["AP50"] == pytest.approx(0.5)
+    assert single["AP50"] == 0.0
+
+
+def test_single_counts_an_image_without_predictions_as_a_miss() -> None:
+    truth = [_set("a", [_square(0, 0, 10)], [1], [1.0]), _set("b", [_square(5, 5, 8)], [1], [1.0])]
+    predictions = [_set("a", [_square(0, 0, 10)], [1], [0.9])]
+    single = instance_mask_ap(truth, predictions, setting="single", class_agnostic=True)
+    assert single["AP50"] == pytest.approx(51 / 101)
+
+
+def test_permuted_cluster_perfect_prediction_scores_one_semantically() -> None:
+    clustered = _as_clusters(AP_TRUTH)
+    for setting in ("single", "multi"):
+        scores = instance_mask_ap(AP_TRUTH, clustered, setting=setting, class_agnostic=False)
+        assert scores == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0})
+    # Without the matching, cluster ids are wrong classes.
+    assert mask_ap(AP_TRUTH, clustered, class_agnostic=False)["AP50"] == 0.0
+
+
+def test_unmatched_cluster_counts_as_false_positives() -> None:
+    # One class, two clusters: 5 covers both objects (matched), 9 only b's. 9's perfect but
+    # unmatched mask is a false positive ranked first: precision 1/2 then 2/3 at recall 1/2 and 1,
+    # so AP50 = 2/3. Dropped, it would leave 1.0; matched by majority, also 1.0.
+    truth = [_set("a", [_square(0, 0, 10)], [1], [1.0]), _set("b", [_square(5, 5, 8)], [1], [1.0])]
+    predictions = [
+        _set("a", [_square(0, 0, 10)], [5], [0.5]),
+        _set("b", [_square(5, 5, 8), _square(5, 5, 8)], [9, 5], [0.9, 0.4]),
+    ]
+    scores = instance_mask_ap(truth, predictions, setting="multi", class_agnostic=False)
+    assert scores["AP50"] == pytest.approx(2 / 3)
+    assert scores["AP"] == pytest.approx(2 / 3)
+    agnostic = instance_mask_ap(truth, predictions, setting="multi", class_agnostic=True)
+    assert agnostic["AP50"] == pytest.approx(1.0)
+
+
+def test_instance_mask_ap_errors() -> None:
+    with pytest.raises(ValueError, match="'both'.*single.*multi"):
+        instance_mask_ap(TRUTH, TRUTH, setting="both", class_agnostic=True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ground truth lists image 'a' twice"):
+        instance_mask_ap([TRUTH[0], TRUTH[0]], [], setting="multi", class_agnostic=True)
+    with pytest.raises(ValueError, match="predictions list image 'b' twice"):
+        instance_mask_ap(TRUTH, [TRUTH[1], TRUTH[1]], setting="multi", class_agnostic=True)
+    with pytest.raises(KeyError, match="'z'"):
+        instance_mask_ap(
+            TRUTH,
+            [_set("z", [_square(0, 0, 3)], [1], [0.5])],
+            setting="single",
+            class_agnostic=True,
+        )

@@ -65,6 +65,10 @@ def preview_grid(samples: list[Sample], per_row: int = 4) -> np.ndarray:
     return image_grid(rows)
 
 
+def config_hash(config: ExperimentConfig) -> str:
+    return config.section_hash("data")
+
+
 def run_stage(
     config: ExperimentConfig, *, preview: int = 8, force: bool = False
 ) -> StageManifest | None:
@@ -77,4 +81,4 @@ def run_stage(
             index_split(build_dataset(data, split), split, run, manifest, preview=preview)
 
     run = RunDir(config.run_dir)
-    return execute(run, "data", config.section_hash("data"), index_all, force=force)
+    return execute(run, "data", config_hash(config), index_all, force=force)

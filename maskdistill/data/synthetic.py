@@ -33,7 +33,7 @@ CLASS_TABLE: tuple[tuple[str, str], ...] = (
     ("diamond", "spiral"),
     ("crescent", "blotches"),
 )
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # "test": held out from every stage (the demo query)
 MAX_OBJECTS = 10
 MIN_SIDE = 16
 _EXTENT = 1.2  # every shape lies inside this radius of its own frame

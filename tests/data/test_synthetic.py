@@ -158,7 +158,7 @@ def test_unknown_id_raises_key_error_naming_it(image_id: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"split": "test"}, "split"),
+        ({"split": "holdout"}, "split"),
         ({"num_images": 0}, "num_images"),
         ({"image_size": (8, 64)}, "image_size"),
         ({"num_classes": 0}, "num_classes"),
@@ -185,3 +185,14 @@ def test_impossible_layout_says_what_to_change() -> None:
     )
     with pytest.raises(RuntimeError, match="min_visible"):
         ds.load("train_000000")
+
+
+def test_the_test_split_is_held_out_from_train_and_val() -> None:
+    images = {
+        split: SyntheticScenes(split=split, num_images=2, image_size=(32, 32)).load(
+            f"{split}_000000"
+        )
+        for split in ("train", "val", "test")
+    }
+    assert not np.array_equal(images["test"].image, images["train"].image)
+    assert not np.array_equal(images["test"].image, images["val"].image)

@@ -3,41 +3,58 @@ from pathlib import Path
 import pytest
 
 from jobs import pipeline
+from maskdistill.rundir import RunDir, read_manifest
 from tests.jobs.conftest import DEMO, TINY
 from tests.jobs.test_train_detector import DETECTOR
 from tests.jobs.test_train_segmenter import SEGMENTER
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
+OVERRIDES = (
+    *TINY,
+    *DETECTOR,
+    *SEGMENTER,
+    "detector.num_workers=1",
+    "segmenter.num_workers=1",
+    "evaluation.num_gpus=0",
+    "evaluation.linear_probe=false",
+)
 
-def _stage_lines(output: str) -> list[list[str]]:
-    return [line.split()[:2] for line in output.splitlines()[-6:]]
+
+def _stage_lines(output: str) -> dict[str, str]:
+    """Stage -> ran/reused from the summary table at the end of the output."""
+    table = output[output.rindex("stage ") :].splitlines()[1:]
+    return {line.split()[0]: line.split()[1] for line in table if line.strip()}
 
 
-def test_pipeline_runs_every_stage_then_reuses_them(
+def _args(run_dir: Path, *extra: str) -> list[str]:
+    args = ["--config", str(DEMO), *extra]
+    for item in (*OVERRIDES, f"run_dir={run_dir}"):
+        args += ["--set", item]
+    return args
+
+
+def test_pipeline_runs_every_stage_then_reuses_them_and_reruns_from_a_stage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["--config", str(DEMO)]
-    overrides = (*TINY, *DETECTOR, *SEGMENTER, "detector.num_workers=1", "segmenter.num_workers=1")
-    for item in (*overrides, f"run_dir={tmp_path}"):
-        args += ["--set", item]
-    assert pipeline.main(args) == 0
-    assert _stage_lines(capsys.readouterr().out) == [
-        ["data", "ran"],
-        ["mine", "ran"],
-        ["cluster", "ran"],
-        ["detector", "ran"],
-        ["distill", "ran"],
-        ["segmenter", "ran"],
-    ]
+    assert pipeline.main(_args(tmp_path)) == 0
+    stages = list(pipeline.STAGES)
+    assert _stage_lines(capsys.readouterr().out) == dict.fromkeys(stages, "ran")
     assert (tmp_path / "config.yaml").exists()
-    assert (tmp_path / "cluster" / "train.parquet").exists()
-    assert pipeline.main(args) == 0
-    assert _stage_lines(capsys.readouterr().out) == [
-        ["data", "reused"],
-        ["mine", "reused"],
-        ["cluster", "reused"],
-        ["detector", "reused"],
-        ["distill", "reused"],
-        ["segmenter", "reused"],
-    ]
+    assert (tmp_path / "evaluate" / "metrics.json").exists()
+    assert pipeline.main(_args(tmp_path)) == 0
+    assert _stage_lines(capsys.readouterr().out) == dict.fromkeys(stages, "reused")
+    run = RunDir(str(tmp_path))
+    cluster_started = read_manifest(run, "cluster").started_at  # type: ignore[union-attr]
+    assert pipeline.main(_args(tmp_path, "--from", "segmenter")) == 0
+    lines = _stage_lines(capsys.readouterr().out)
+    assert lines["segmenter"] == "ran" and lines["evaluate"] == "ran"
+    assert lines["distill"] == "reused"
+    assert read_manifest(run, "cluster").started_at == cluster_started  # type: ignore[union-attr]
+    assert pipeline.main(_args(tmp_path, "--only", "evaluate", "--force")) == 0
+    assert _stage_lines(capsys.readouterr().out)["evaluate"] == "ran"
+
+
+def test_only_refuses_when_an_earlier_stage_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="stage 'data' is missing"):
+        pipeline.main(_args(tmp_path, "--only", "cluster"))

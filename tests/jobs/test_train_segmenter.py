@@ -1,12 +1,14 @@
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from jobs import cluster, distill, mine, train_detector, train_segmenter
+from jobs import cluster, distill, evaluate, mine, train_detector, train_segmenter
 from maskdistill.config import ExperimentConfig
 from maskdistill.engine import MetricsLog, lr_factor, scaled_lr
-from maskdistill.rundir import RunDir
+from maskdistill.rundir import RunDir, read_manifest
 from tests.jobs.conftest import tiny_config
 from tests.jobs.test_train_detector import DETECTOR, FailOnce
 
@@ -25,6 +27,19 @@ SEGMENTER = (
     "segmenter.schedule={base_lr: 0.004, reference_batch: 4, milestones: [2]}",
     "segmenter.loader_threads=1",
     "segmenter.max_failures=1",
+)
+
+
+EVALUATION = (
+    "evaluation.num_gpus=0",
+    "evaluation.num_cpus=1",
+    "evaluation.batch_size=3",
+    "evaluation.linear_probe=true",
+    "evaluation.probe_epochs=2",
+    "evaluation.probe_batch_size=4",
+    "evaluation.probe_milestones=[1]",
+    "evaluation.crf=true",
+    "evaluation.num_overlays=2",
 )
 
 
@@ -60,3 +75,32 @@ def test_segmenter_resumes_after_a_failure_with_the_same_lr(
     image = np.zeros((37, 45, 3), dtype=np.uint8)
     (labels,) = segmenter.segment([image])
     assert labels.shape == (37, 45) and labels.max() < segmenter.num_classes
+
+
+def test_evaluate_scores_every_stage_and_writes_tables_and_pictures(
+    distilled: ExperimentConfig,
+) -> None:
+    train_segmenter.run_stage(distilled)  # trained already when the resume test ran first
+    config = tiny_config(Path(distilled.run_dir), *DETECTOR, *SEGMENTER, *EVALUATION)
+    manifest = evaluate.run_stage(config)
+    assert manifest is not None and manifest.outputs == 4 and not manifest.skipped
+    run = RunDir(config.run_dir)
+    metrics = json.loads(run.read_bytes("evaluate", "metrics.json"))
+    rows = (evaluate.MINED, evaluate.DETECTOR, evaluate.SEGMENTER, evaluate.CRF, evaluate.PROBE)
+    for row in rows:
+        assert 0.0 <= metrics[row]["miou"] <= 1.0
+        assert len(metrics[row]["iou"]) == 1 + config.data.synthetic.num_classes
+    assert set(metrics["mask AP"]) == {
+        f"{source} {setting} {kind}"
+        for source in ("mined", "detector")
+        for setting in ("multi", "single")
+        for kind in ("class-agnostic", "semantic")
+    }
+    names = run.read_json("evaluate", "class_names.json")["names"]
+    assert len(names) == len(metrics[evaluate.SEGMENTER]["mapping"]) and names[0]
+    for picture in ("confusion.png", "overlays.png"):
+        assert Image.open(run.uri_of("evaluate", picture)).size[0] > 100
+    table = run.read_bytes("evaluate", "table1.md").decode()
+    assert all(row in table for row in rows)
+    assert read_manifest(run, "evaluate") is not None
+    assert evaluate.run_stage(config) is None  # complete: skipped

@@ -1,0 +1,368 @@
+"""Stage `evaluate` (Sec 4.1, A.2-A.4; Tables 1-3, S2): every stage's output against ground truth.
+
+    python -m jobs.evaluate --config configs/pascal.yaml [--set evaluation.crf=true]
+
+On the labelled val split it scores, in the form of the paper's Table 1: the mined masks painted
+with their clusters ("mined masks, clustered"), the confident Mask R-CNN pseudo labels
+("+ Mask R-CNN") and the segmenter's predictions at the original resolution ("+ DeepLab-v3"),
+each Hungarian-matched to the classes (majority vote with `evaluation.matching=majority`, for
+overclustering); with `evaluation.crf` also the segmenter after a dense CRF (Table 2 "+CRF"), and
+with `evaluation.linear_probe` a 1x1 conv trained on the frozen segmenter (A.2). Mask AP (A.4,
+Table 3) covers the mined masks and the detector's candidates: `single` and `multi`,
+class-agnostic and semantic.
+
+Writes under `run_dir/evaluate/`: `metrics.json`, `table1.md`, `per_class.md` (Table S2 form, the
+segmenter row), `mask_ap.md`, `confusion.png`, `overlays.png` (image | ground truth | prediction,
+with a legend) and `class_names.json` (the matched class of each segmenter label, which the HTTP
+service shows). The work runs as one Ray task holding `evaluation.num_gpus` GPUs, so a driver on
+a CPU head node sends it to a GPU worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from tqdm import tqdm
+
+from jobs import cluster, distill, train_segmenter
+from jobs.common import stage_main
+from maskdistill import crf, probe
+from maskdistill.config import ExperimentConfig
+from maskdistill.data import build_dataset
+from maskdistill.data.base import IGNORE_INDEX, Dataset, Sample, UnreadableImage
+from maskdistill.evaluation import (
+    InstanceSet,
+    confusion_matrix,
+    confusion_picture,
+    instance_mask_ap,
+    per_class_table,
+    remap_confusion,
+    segmentation_scores,
+)
+from maskdistill.inference import CLASS_NAMES_FILE, Segmenter
+from maskdistill.masks import decode_rle
+from maskdistill.pseudolabels import decode_label_map
+from maskdistill.rundir import RunDir, StageManifest, execute
+from maskdistill.shards import read_parts
+from maskdistill.visualize import labelled_overlays, png_bytes
+
+STAGE = "evaluate"
+MINED, DETECTOR, SEGMENTER, CRF = (
+    "mined masks, clustered",
+    "+ Mask R-CNN",
+    "+ DeepLab-v3",
+    "+ DeepLab-v3 + CRF",
+)
+PROBE = "linear probe (A.2)"
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    return config.section_hash("evaluation") + train_segmenter.config_hash(config)
+
+
+def mined_label_map(row: dict[str, Any] | None, size: tuple[int, int]) -> np.ndarray:
+    """Sec 3.2's one mask of an image painted with its cluster: 0 background, 1 + cluster."""
+    labels = np.zeros(size, dtype=np.int64)
+    if row is not None:
+        labels[_masks([row["mask_rle"]], size)[0]] = 1 + int(row["cluster"])
+    return labels
+
+
+def mined_instances(
+    row: dict[str, Any] | None, image_id: str, size: tuple[int, int]
+) -> InstanceSet:
+    """The mined mask as an instance: class = its cluster, score = its CLS attention share."""
+    if row is None:
+        return _no_instances(image_id, size)
+    masks = _masks([row["mask_rle"]], size)
+    return InstanceSet(image_id, masks, np.array([row["cluster"]]), np.array([row["score"]]))
+
+
+def candidate_instances(
+    row: dict[str, Any] | None, image_id: str, size: tuple[int, int]
+) -> InstanceSet:
+    """Every Mask R-CNN candidate of an image, with its cluster and detector score."""
+    if row is None:
+        return _no_instances(image_id, size)
+    return InstanceSet(
+        image_id,
+        _masks(row["candidate_rle"], size),
+        np.asarray(row["candidate_class"], dtype=np.int64),
+        np.asarray(row["candidate_score"], dtype=np.float64),
+    )
+
+
+def _masks(rles: Sequence[str], size: tuple[int, int]) -> np.ndarray:
+    decoded = [decode_rle({"size": list(size), "counts": rle}) for rle in rles]
+    return np.stack(decoded) if decoded else np.zeros((0, *size), dtype=bool)
+
+
+def _no_instances(image_id: str, size: tuple[int, int]) -> InstanceSet:
+    return InstanceSet(image_id, np.zeros((0, *size), bool), np.zeros(0, np.int64), np.zeros(0))
+
+
+@dataclass
+class Findings:
+    """What the pass over the val split gathers: confusions per Table 1 row, instances, pictures."""
+
+    num_predicted: int
+    num_classes: int
+    num_overlays: int
+    confusion: dict[str, np.ndarray] = field(default_factory=dict)
+    truth: list[InstanceSet] = field(default_factory=list)
+    mined: list[InstanceSet] = field(default_factory=list)
+    candidates: list[InstanceSet] = field(default_factory=list)
+    overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    scored: int = 0
+
+    def add(self, row: str, predicted: np.ndarray, truth: np.ndarray) -> None:
+        counts = confusion_matrix(
+            predicted, truth, num_predicted=self.num_predicted, num_classes=self.num_classes
+        )
+        self.confusion[row] = self.confusion.get(row, 0) + counts
+
+
+def _labelled(dataset: Dataset, image_id: str, findings: Findings) -> Sample | None:
+    try:
+        sample = dataset.load(image_id)
+    except UnreadableImage as err:
+        findings.skipped.append((image_id, err.reason))
+        return None
+    if sample.semantic is None:
+        findings.skipped.append((image_id, "no semantic ground truth"))
+        return None
+    return sample
+
+
+def score_batch(
+    findings: Findings,
+    segmenter: Segmenter,
+    samples: Sequence[Sample],
+    tables: dict[str, dict[str, dict[str, Any]]],
+    *,
+    dense_crf: bool,
+) -> None:
+    """Add one batch of val images to every Table 1 row, the instance sets and the overlays."""
+    images = [s.image for s in samples]
+    logits = segmenter.logits(images)
+    for sample, scores in zip(samples, logits, strict=True):
+        assert sample.semantic is not None
+        size = (sample.height, sample.width)
+        mined, pseudo = tables[MINED].get(sample.image_id), tables[DETECTOR].get(sample.image_id)
+        detector = (
+            np.zeros(size, np.int64) if pseudo is None else decode_label_map(pseudo["label_png"])
+        )
+        prediction = scores.argmax(dim=0).numpy()
+        findings.scored += 1
+        findings.add(MINED, mined_label_map(mined, size), sample.semantic)
+        findings.add(DETECTOR, detector, sample.semantic)
+        findings.add(SEGMENTER, prediction, sample.semantic)
+        if dense_crf:
+            refined = crf.dense_crf(sample.image, scores.softmax(dim=0).numpy())
+            findings.add(CRF, refined, sample.semantic)
+        if sample.instance_masks is not None and sample.instance_classes is not None:
+            ones = np.ones(len(sample.instance_classes))
+            findings.truth.append(
+                InstanceSet(sample.image_id, sample.instance_masks, sample.instance_classes, ones)
+            )
+            findings.mined.append(mined_instances(mined, sample.image_id, size))
+            findings.candidates.append(candidate_instances(pseudo, sample.image_id, size))
+        if len(findings.overlays) < findings.num_overlays:
+            findings.overlays.append((sample.image, sample.semantic, prediction))
+
+
+def _linear_probe(
+    config: ExperimentConfig, segmenter: Segmenter, val_ids: Sequence[str], num_classes: int
+) -> dict[str, Any]:
+    """A.2: a 1x1 conv on the frozen segmenter, trained on the labelled train split."""
+    ev = config.evaluation
+    train = build_dataset(config.data, config.data.train_split)
+    train_ids = train.image_ids()[: ev.probe_max_images]
+    pairs = [(s.image, s.semantic) for s in _samples(train, train_ids) if s.semantic is not None]
+    if not pairs:
+        raise ValueError(f"linear probe: split {config.data.train_split!r} has no ground truth")
+    classifier = probe.fit_linear_probe(
+        segmenter.model,
+        pairs,
+        num_classes=num_classes,
+        epochs=ev.probe_epochs,
+        batch_size=ev.probe_batch_size,
+        lr=ev.probe_lr,
+        milestones=ev.probe_milestones,
+        seed=config.seed,
+        progress=print,
+    )
+    val = build_dataset(config.data, str(config.data.val_split))
+    held_out = [(s.image, s.semantic) for s in _samples(val, val_ids) if s.semantic is not None]
+    confusion = probe.probe_confusion(
+        segmenter.model, classifier, held_out, num_classes=num_classes
+    )
+    return segmentation_scores(confusion, matching="identity")
+
+
+def _samples(dataset: Dataset, image_ids: Sequence[str]) -> list[Sample]:
+    samples = []
+    for image_id in image_ids:
+        try:
+            samples.append(dataset.load(image_id))
+        except UnreadableImage:
+            continue
+    return samples
+
+
+def _mask_ap(findings: Findings) -> dict[str, dict[str, float]]:
+    """A.4, Table 3: mined masks and detector candidates, each setting, agnostic and semantic."""
+    results = {}
+    for source, sets in (("mined", findings.mined), ("detector", findings.candidates)):
+        for setting in ("multi", "single"):
+            for agnostic in (True, False):
+                name = f"{source} {setting} {'class-agnostic' if agnostic else 'semantic'}"
+                results[name] = instance_mask_ap(
+                    findings.truth, sets, setting=setting, class_agnostic=agnostic
+                )
+    return results
+
+
+def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, list[str]]:
+    """Score every stage on the val split: (metrics, what was gathered, class names)."""
+    ev, run, split = config.evaluation, RunDir(config.run_dir), config.data.val_split
+    if split is None:
+        raise ValueError("evaluation needs data.val_split: a split with ground truth")
+    dataset = build_dataset(config.data, split)
+    class_names = ["background", *dataset.class_names]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    segmenter = Segmenter.from_run(run.uri, device=device, config=config)
+    tables = {
+        MINED: _rows_by_id(cluster.read_labeled(run, config, split)),
+        DETECTOR: _rows_by_id(read_parts(run, f"{distill.STAGE}/{split}", distill.PSEUDO_SCHEMA)),
+    }
+    findings = Findings(segmenter.num_classes, len(class_names), ev.num_overlays)
+    image_ids = dataset.image_ids()
+    for start in tqdm(range(0, len(image_ids), ev.batch_size), desc="evaluate", unit="batch"):
+        batch = [_labelled(dataset, i, findings) for i in image_ids[start : start + ev.batch_size]]
+        score_batch(findings, segmenter, [s for s in batch if s], tables, dense_crf=ev.crf)
+    if SEGMENTER not in findings.confusion:
+        raise ValueError(f"split {split!r}: no image with semantic ground truth to evaluate")
+    metrics: dict[str, Any] = {
+        row: _jsonable(segmentation_scores(confusion, matching=ev.matching))
+        for row, confusion in findings.confusion.items()
+    }
+    if ev.linear_probe:
+        scored = [i for i in image_ids if i not in dict(findings.skipped)]
+        metrics[PROBE] = _jsonable(_linear_probe(config, segmenter, scored, len(class_names)))
+    if ev.mask_ap and findings.truth:
+        metrics["mask AP"] = _mask_ap(findings)
+    return metrics, findings, class_names
+
+
+def _rows_by_id(table: Any) -> dict[str, dict[str, Any]]:
+    return {row["image_id"]: row for row in table.to_pylist()}
+
+
+def _jsonable(scores: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "miou": float(scores["miou"]),
+        "iou": [None if np.isnan(v) else float(v) for v in scores["iou"]],
+        "mapping": [int(m) for m in scores["mapping"]],
+    }
+
+
+def table1(metrics: dict[str, Any]) -> str:
+    """The paper's Table 1 form: one mIoU (%) per stage of the pipeline."""
+    lines = ["| method | mIoU (%) |", "| --- | ---: |"]
+    for row in (MINED, DETECTOR, SEGMENTER, CRF, PROBE):
+        if row in metrics:
+            lines.append(f"| {row} | {100 * metrics[row]['miou']:.1f} |")
+    return "\n".join(lines)
+
+
+def mask_ap_table(results: dict[str, dict[str, float]]) -> str:
+    """Table 3 form: AP, AP50, AP75 (%) per source, setting and class handling."""
+    lines = ["| masks | AP | AP50 | AP75 |", "| --- | ---: | ---: | ---: |"]
+    for name, ap in results.items():
+        lines.append(
+            f"| {name} | {100 * ap['AP']:.1f} | {100 * ap['AP50']:.1f} | {100 * ap['AP75']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def label_names(mapping: Sequence[int], class_names: Sequence[str]) -> list[str]:
+    """The name of each segmenter label: its matched class, else "cluster k" (label 1 + k)."""
+    names = []
+    for label, matched in enumerate(mapping):
+        fallback = "background" if label == 0 else f"cluster {label - 1}"
+        names.append(class_names[matched] if matched >= 0 else fallback)
+    return names
+
+
+def write_outputs(
+    run: RunDir, metrics: dict[str, Any], findings: Findings, class_names: Sequence[str]
+) -> str:
+    """Tables, pictures and `metrics.json` under `evaluate/`; returns the printed report."""
+    segmenter = metrics[SEGMENTER]
+    mapping = np.asarray(segmenter["mapping"])
+    per_class = per_class_table(
+        {"iou": np.array(segmenter["iou"], dtype=float), "miou": segmenter["miou"]}, class_names
+    )
+    report = [table1(metrics), "", "Per class (Table S2 form), + DeepLab-v3:", per_class]
+    run.write_bytes((table1(metrics) + "\n").encode(), STAGE, "table1.md")
+    run.write_bytes((per_class + "\n").encode(), STAGE, "per_class.md")
+    if "mask AP" in metrics:
+        ap = mask_ap_table(metrics["mask AP"])
+        run.write_bytes((ap + "\n").encode(), STAGE, "mask_ap.md")
+        report += ["", "Mask AP (Table 3 form):", ap]
+    remapped = remap_confusion(findings.confusion[SEGMENTER], mapping)
+    run.write_bytes(png_bytes(confusion_picture(remapped, class_names)), STAGE, "confusion.png")
+    if findings.overlays:
+        as_classes = np.where(mapping >= 0, mapping, IGNORE_INDEX)
+        rows = [
+            (image, truth, as_classes[predicted]) for image, truth, predicted in findings.overlays
+        ]
+        picture = labelled_overlays(rows, class_names)
+        run.write_bytes(png_bytes(picture), STAGE, "overlays.png")
+    run.write_json(
+        {
+            "names": label_names(mapping.tolist(), class_names),
+            "matching": "segmenter val confusion",
+        },
+        *CLASS_NAMES_FILE,
+    )
+    run.write_json(metrics, STAGE, "metrics.json")
+    return "\n".join(report)
+
+
+def evaluate(config: ExperimentConfig) -> tuple[dict[str, Any], list[tuple[str, str]], int]:
+    """The whole stage's work on one worker: (metrics, skipped images, images scored)."""
+    metrics, findings, class_names = evaluate_split(config)
+    print(write_outputs(RunDir(config.run_dir), metrics, findings, class_names))
+    return metrics, findings.skipped, findings.scored
+
+
+def _body(config: ExperimentConfig, manifest: StageManifest) -> None:
+    ev = config.evaluation
+    task = ray.remote(num_gpus=ev.num_gpus, num_cpus=ev.num_cpus)(evaluate)
+    metrics, skipped, scored = ray.get(task.remote(config))
+    for image_id, reason in skipped:
+        manifest.skip(image_id, reason)
+    manifest.inputs, manifest.outputs = scored + len(skipped), scored
+    manifest.metrics.update({f"miou {k}": v["miou"] for k, v in metrics.items() if "miou" in v})
+
+
+def run_stage(config: ExperimentConfig, *, force: bool = False) -> StageManifest | None:
+    """Evaluate the run; None when already complete for this config."""
+    run = RunDir(config.run_dir)
+    return execute(run, STAGE, config_hash(config), lambda m: _body(config, m), force=force)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(__doc__, argv, run_stage)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,297 @@
+"""The linear probe (Sec 4.1 protocol (i), A.2): a 1x1 conv trained on frozen segmenter features.
+
+If the segmenter's pixel embeddings are disentangled by semantic class, a linear classifier on
+them solves the segmentation task. The features are those of the trained DeepLab-v3 just before
+its final 1x1 classifier conv (256 channels after the ASPP head's conv-BN-ReLU), at the output
+stride; the probe's logits are upsampled bilinearly to the label size before the cross-entropy,
+and its predictions are class ids, scored with `segmentation_scores(matching="identity")`.
+
+Tuning notes: A.2's recipe (45 epochs, batch 24, SGD lr 0.1 momentum 0.9 wd 1e-4, lr / 10 after
+epoch 25) is the default; the paper saw no gain from training longer. Without augmentation
+(`crop_size=None`, the default) each image's features are computed once and cached on the CPU,
+so the 45 epochs cost about one forward pass of the segmenter over the train images; the cache
+holds 256 * (H/8) * (W/8) float32 per image (4 MiB for a 512 x 512 image at output stride 8),
+so cap the images (EvaluationConfig.probe_max_images) on large sets. With `crop_size`,
+every epoch draws a fresh random crop and mirror per image and recomputes its features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskdistill.evaluation import confusion_matrix
+from maskdistill.segmenter import normalize
+
+Sample = tuple[np.ndarray, np.ndarray]
+# A.2: SGD with momentum 0.9 and weight decay 1e-4, lr divided by 10 at each milestone
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+LR_DECAY = 0.1
+
+
+def probe_features(model: nn.Module, images: Tensor) -> Tensor:
+    """A.2: the frozen DeepLab-v3's features before its final 1x1 conv, float [B, C, h, w].
+
+    images: normalised float [B, 3, H, W] (`segmenter.normalize`), moved to the model's device;
+    the result stays there. The model is put in eval mode (BatchNorm statistics stay frozen) and
+    runs without gradient.
+    """
+    backbone, head, _ = _deeplab_parts(model)
+    model.eval()
+    with torch.no_grad():
+        return head(backbone(images.to(_device(model)))["out"])
+
+
+def fit_linear_probe(
+    model: nn.Module,
+    samples: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    num_classes: int,
+    epochs: int = 45,
+    batch_size: int = 24,
+    lr: float = 0.1,
+    milestones: Sequence[int] = (25,),
+    crop_size: int | None = None,
+    ignore_index: int = 255,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> nn.Conv2d:
+    """Sec 4.1 (i), A.2: a 1x1 conv from the frozen features to `num_classes` ground-truth classes.
+
+    samples: (uint8 RGB [H, W, 3], int labels [H, W]) pairs, `ignore_index` where unlabelled.
+    The probe starts at zero (a convex problem: the seed only orders the batches and draws the
+    crops), trains on the model's device and comes back there. Loss per batch: cross-entropy
+    summed over its valid pixels, divided by their number, on logits upsampled bilinearly to each
+    label's size. crop_size None: whole images, features cached (see the module notes); else a
+    random crop_size x crop_size window (padded right and below: mean colour, ignored labels)
+    and a coin-flip mirror per image and epoch. `progress` gets one line per epoch.
+    The model itself is never changed.
+    """
+    _check_training(samples, epochs, batch_size, lr, milestones, crop_size)
+    images, labels = _checked_samples(samples, num_classes, ignore_index)
+    device = _device(model)
+    final = _deeplab_parts(model)[2]
+    probe = nn.Conv2d(final.in_channels, num_classes, kernel_size=1).to(device)
+    with torch.no_grad():
+        for parameter in probe.parameters():
+            parameter.zero_()
+    optimizer = torch.optim.SGD(
+        probe.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+    )
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma=LR_DECAY)
+    cached = None if crop_size is not None else _cached_features(model, images, batch_size)
+    rng = np.random.default_rng(seed)
+    for epoch in range(epochs):
+        losses = []
+        order = rng.permutation(len(images))
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size].tolist()
+            if cached is None:
+                assert crop_size is not None
+                pairs = [_crop_batch(model, images, labels, batch, crop_size, ignore_index, rng)]
+            else:
+                pairs = _stacked(cached, labels, batch, device)
+            loss = _batch_loss(probe, pairs, ignore_index)
+            if loss is None:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        if progress is not None:
+            mean = float(np.mean(losses)) if losses else float("nan")
+            rate = optimizer.param_groups[0]["lr"]
+            progress(f"linear probe epoch {epoch + 1}/{epochs}: loss {mean:.4f}, lr {rate:.3g}")
+        schedule.step()
+    return probe.eval()
+
+
+def probe_confusion(
+    model: nn.Module,
+    probe: nn.Module,
+    samples: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    num_classes: int,
+    ignore_index: int = 255,
+) -> np.ndarray:
+    """int64 [num_classes, num_classes]: [p, g] counts pixels the probe calls p whose truth is g.
+
+    Predicted at each label's original resolution (logits upsampled bilinearly, A.3), one image
+    at a time; ignored pixels left out. Score with `segmentation_scores(matching="identity")`.
+    """
+    if not samples:
+        raise ValueError("no samples to evaluate the linear probe on")
+    images, labels = _checked_samples(samples, num_classes, ignore_index)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    probe.eval()
+    with torch.no_grad():
+        for image, label in zip(images, labels, strict=True):
+            logits = probe(probe_features(model, image[None]))
+            if logits.shape[1] != num_classes:
+                raise ValueError(f"probe has {logits.shape[1]} outputs, num_classes={num_classes}")
+            size = tuple(label.shape)
+            upsampled = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            predicted = upsampled.argmax(dim=1)[0].cpu().numpy()
+            confusion += confusion_matrix(
+                predicted,
+                label.numpy(),
+                num_predicted=num_classes,
+                num_classes=num_classes,
+                ignore_index=ignore_index,
+            )
+    return confusion
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _deeplab_parts(model: nn.Module) -> tuple[nn.Module, nn.Sequential, nn.Conv2d]:
+    """(backbone, head up to the final conv, final 1x1 conv) of a DeepLab-v3; TypeError if not."""
+    backbone = getattr(model, "backbone", None)
+    classifier = getattr(model, "classifier", None)
+    last = classifier[-1] if isinstance(classifier, nn.Sequential) and len(classifier) else None
+    if backbone is None or not isinstance(last, nn.Conv2d) or last.kernel_size != (1, 1):
+        raise TypeError(
+            f"{type(model).__name__} is not a DeepLab-v3 segmenter: the linear probe needs "
+            "`backbone` and a `classifier` Sequential ending in a 1x1 Conv2d (build_segmenter)"
+        )
+    assert isinstance(classifier, nn.Sequential)
+    return backbone, nn.Sequential(*list(classifier)[:-1]), last
+
+
+def _check_training(
+    samples: Sequence[Sample],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    milestones: Sequence[int],
+    crop_size: int | None,
+) -> None:
+    if not samples:
+        raise ValueError("no samples to train the linear probe on")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs={epochs}, batch_size={batch_size}: both must be >= 1")
+    if not lr > 0:
+        raise ValueError(f"lr={lr}: expected > 0")
+    steps = list(milestones)
+    if any(m < 1 for m in steps) or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise ValueError(f"milestones={steps}: expected strictly increasing epochs >= 1")
+    if crop_size is not None and crop_size < 1:
+        raise ValueError(f"crop_size={crop_size}: expected >= 1 or None")
+
+
+def _checked_samples(
+    samples: Sequence[Sample], num_classes: int, ignore_index: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Normalised images [3, H, W] and int64 labels [H, W]; ValueError naming the bad sample."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes}: expected >= 2")
+    images, labels = [], []
+    for index, (image, label) in enumerate(samples):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(
+                f"sample {index}: image must be uint8 [H, W, 3], got {image.dtype} {image.shape}"
+            )
+        if label.shape != image.shape[:2] or not np.issubdtype(label.dtype, np.integer):
+            raise ValueError(
+                f"sample {index}: labels must be integers [{image.shape[0]}, {image.shape[1]}] "
+                f"like the image, got {label.dtype} {label.shape}"
+            )
+        outside = label[(label != ignore_index) & ((label < 0) | (label >= num_classes))]
+        if outside.size:
+            raise ValueError(
+                f"sample {index}: label {outside.flat[0]} is neither a class in "
+                f"0..{num_classes - 1} nor ignore_index {ignore_index}"
+            )
+        images.append(normalize(image))
+        labels.append(torch.from_numpy(label.astype(np.int64)))
+    return images, labels
+
+
+def _same_shape_chunks(
+    tensors: Sequence[Tensor], indices: list[int], size: int
+) -> Iterator[list[int]]:
+    """`indices` grouped by their tensor's shape, in chunks of at most `size`."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in indices:
+        groups.setdefault(tuple(tensors[i].shape), []).append(i)
+    for group in groups.values():
+        for start in range(0, len(group), size):
+            yield group[start : start + size]
+
+
+def _cached_features(model: nn.Module, images: list[Tensor], batch_size: int) -> list[Tensor]:
+    features: list[Tensor] = [torch.empty(0)] * len(images)
+    for chunk in _same_shape_chunks(images, list(range(len(images))), batch_size):
+        computed = probe_features(model, torch.stack([images[i] for i in chunk])).cpu()
+        for i, feature in zip(chunk, computed, strict=True):
+            features[i] = feature
+    return features
+
+
+def _stacked(
+    features: list[Tensor], labels: list[Tensor], batch: list[int], device: torch.device
+) -> list[tuple[Tensor, Tensor]]:
+    """The batch as (features [b, C, h, w], labels [b, H, W]) stacks of equal-sized images."""
+    return [
+        (
+            torch.stack([features[i] for i in chunk]).to(device),
+            torch.stack([labels[i] for i in chunk]).to(device),
+        )
+        for chunk in _same_shape_chunks(labels, batch, len(batch))
+    ]
+
+
+def _crop_batch(
+    model: nn.Module,
+    images: list[Tensor],
+    labels: list[Tensor],
+    batch: list[int],
+    size: int,
+    ignore_index: int,
+    rng: np.random.Generator,
+) -> tuple[Tensor, Tensor]:
+    crops = [_random_crop(images[i], labels[i], size, ignore_index, rng) for i in batch]
+    features = probe_features(model, torch.stack([image for image, _ in crops]))
+    return features, torch.stack([label for _, label in crops]).to(features.device)
+
+
+def _random_crop(
+    image: Tensor, label: Tensor, size: int, ignore_index: int, rng: np.random.Generator
+) -> tuple[Tensor, Tensor]:
+    """A random size x size window, padded right and below where the image is smaller, and
+    mirrored with probability 1/2; padding is 0 in the image (the mean colour) and ignored."""
+    pad_h, pad_w = max(size - label.shape[0], 0), max(size - label.shape[1], 0)
+    image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+    label = F.pad(label, (0, pad_w, 0, pad_h), value=ignore_index)
+    top = int(rng.integers(0, label.shape[0] - size + 1))
+    left = int(rng.integers(0, label.shape[1] - size + 1))
+    image = image[:, top : top + size, left : left + size]
+    label = label[top : top + size, left : left + size]
+    if rng.random() < 0.5:
+        image, label = image.flip(-1), label.flip(-1)
+    return image, label
+
+
+def _batch_loss(
+    probe: nn.Conv2d, pairs: list[tuple[Tensor, Tensor]], ignore_index: int
+) -> Tensor | None:
+    """Mean cross-entropy over the valid pixels of all pairs; None when no pixel is valid."""
+    total: Tensor | None = None
+    valid = 0
+    for features, target in pairs:
+        logits = F.interpolate(
+            probe(features), size=target.shape[-2:], mode="bilinear", align_corners=False
+        )
+        loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+        total = loss if total is None else total + loss
+        valid += int((target != ignore_index).sum())
+    if total is None or valid == 0:
+        return None
+    return total / valid
