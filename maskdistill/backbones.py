@@ -48,6 +48,7 @@ _STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 # DINO's projection head and timm's classifier: the backbone is built without a head.
 _DROP_PREFIX = "head."
 _LIST_LIMIT = 10
+RANDOM_SEED = 0  # weights="random": timm's initialisation under this seed
 PRETRAINED = "pretrain"  # backbone.weights: this run's own DINO pretraining
 PRETRAINED_BACKBONE = ("pretrain", "backbone.pth")  # where it is, under the run directory
 
@@ -145,13 +146,16 @@ def build_backbone(arch: str = "vit_small_patch16_224", *, weights: str = "rando
             f"got {arch!r}"
         )
     state = None if weights in ("random", "hub") else _read_state_dict(weights)
-    model = timm.create_model(
-        arch,
-        pretrained=weights == "hub",
-        num_classes=0,
-        dynamic_img_size=True,  # any multiple of the patch size; pos_embed is interpolated
-        use_naflex=False,
-    )
+    # "random" is one fixed network: every actor, rerun and resumed shard mines with the same one
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        model = timm.create_model(
+            arch,
+            pretrained=weights == "hub",
+            num_classes=0,
+            dynamic_img_size=True,  # any multiple of the patch size; pos_embed is interpolated
+            use_naflex=False,
+        )
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{arch!r} built a {type(model).__name__}, not a VisionTransformer")
     if state is not None:

@@ -199,6 +199,8 @@ def test_dino_release_plain(tmp_path: Path) -> None:
 
 def test_dino_training_checkpoint_takes_teacher(tmp_path: Path) -> None:
     teacher, student = build_backbone(ARCH), build_backbone(ARCH)
+    for parameter in student.parameters():  # "random" is one fixed network: make them differ
+        parameter.data.add_(0.1 * torch.randn_like(parameter))
 
     def wrapped(model: ViTBackbone, prefix: str) -> dict[str, torch.Tensor]:
         state = {f"{prefix}backbone.{k}": v for k, v in model.model.state_dict().items()}
@@ -282,3 +284,14 @@ def test_rejects_registers_and_missing_cls_token() -> None:
         ViTBackbone(_vit(num_classes=0, reg_tokens=4))
     with pytest.raises(ValueError, match="cls_token=False"):
         ViTBackbone(_vit("test_vit2", num_classes=0))
+
+
+def test_random_weights_are_one_fixed_network_whatever_the_global_seed() -> None:
+    torch.manual_seed(1)
+    first = build_backbone("test_vit", weights="random").state_dict()
+    torch.manual_seed(2)
+    second = build_backbone("test_vit", weights="random").state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    after = torch.rand(1)
+    torch.manual_seed(2)
+    assert torch.equal(after, torch.rand(1))  # the caller's random stream is left alone
