@@ -14,7 +14,6 @@ trained weights end in `detector/model.pt` for the distill stage.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,19 +24,12 @@ import torch
 from jobs import cluster
 from jobs.common import stage_main
 from jobs.sharded import dataset_of
-from jobs.training import all_finite, barrier, export_weights, fit_workers
+from jobs.training import Worker, export_weights, fit_stage
 from maskdistill.config import ExperimentConfig
 from maskdistill.detector import MaskTargets, build_detector, collate, detector_losses
 from maskdistill.engine import (
-    Checkpointer,
-    MetricsLog,
-    NonFiniteLoss,
-    Prefetch,
-    TrainSpec,
-    batch_indices,
     build_scheduler,
     scaled_lr,
-    train,
     trainable,
 )
 from maskdistill.inference import read_weights
@@ -79,13 +71,9 @@ def detector_for(config: ExperimentConfig, classes: int) -> torch.nn.Module:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One DDP worker: build, resume, train to `max_iters`, report the last losses."""
-    config: ExperimentConfig = loop_config["config"]
-    det = config.detector
-    torch.set_num_threads(math.ceil(det.cpus_per_worker))
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    run = RunDir(config.run_dir)
-    device = ray.train.torch.get_device()
+    det = loop_config["config"].detector
+    worker = Worker.start(loop_config, det)
+    config, run, device = worker.config, worker.run, worker.device
     model = ray.train.torch.prepare_model(
         detector_for(config, num_classes(run)),
         parallel_strategy_kwargs={"find_unused_parameters": True},
@@ -100,14 +88,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     samples = MaskTargets(rows, dataset_of(config.data, config.data.train_split), seed=config.seed)
 
     def batch_at(iteration: int) -> Any:
-        indices = batch_indices(
-            iteration,
-            rank=rank,
-            world_size=world,
-            batch_size=det.batch_size // world,
-            num_samples=len(samples),
-            seed=config.seed,
-        )
+        indices = worker.indices(iteration, global_batch=det.batch_size, num_samples=len(samples))
         return collate([samples.load(i, variant=iteration) for i in indices])
 
     def losses(model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
@@ -118,42 +99,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             [{key: value.to(device) for key, value in t.items()} for t in targets],
         )
 
-    spec = TrainSpec(
+    worker.train(
+        STAGE,
+        det,
+        model,
+        optimizer,
+        build_scheduler(optimizer, det.schedule),
         max_iters=det.max_iters,
         checkpoint_every=det.checkpoint_every,
-        checkpoints=Checkpointer(run.uri_of(STAGE, "checkpoints")),
-        log=MetricsLog(run.uri_of(STAGE, "log.jsonl")) if rank == 0 else None,
-        batch_at=Prefetch(batch_at, det.loader_threads),
+        batch_at=batch_at,
         losses=losses,
-        device=device,
-        bf16=device.type == "cuda" and det.precision == "bf16",
-        is_main=rank == 0,
-        barrier=barrier,
-        hooks=loop_config.get("hooks", ()),
-        all_finite=all_finite(device),
     )
-    try:
-        last = train(model, optimizer, build_scheduler(optimizer, det.schedule), spec)
-    except NonFiniteLoss as err:
-        ray.train.report({"error": str(err)})
-        return
-    ray.train.report({"iteration": det.max_iters, **last})
 
 
 def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] = ()) -> None:
     """Run the TorchTrainer; export the final weights to `detector/model.pt`."""
     det = config.detector
     run = RunDir(config.run_dir)
-    metrics = fit_workers(
-        train_loop_per_worker,
-        {"config": config, "hooks": list(hooks)},
-        name=STAGE,
-        storage_path=run.uri_of(STAGE, "ray"),
-        num_workers=det.num_workers,
-        use_gpu=det.use_gpu,
-        cpus_per_worker=det.cpus_per_worker,
-        max_failures=det.max_failures,
-    )
+    metrics = fit_stage(train_loop_per_worker, config, STAGE, det, hooks)
     export_weights(run, STAGE, num_classes=num_classes(run), arch=det.arch)
     manifest.inputs = len(cluster.read_labeled(run, config))
     manifest.outputs = det.max_iters

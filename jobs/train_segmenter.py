@@ -12,7 +12,6 @@ each batch. Schedule milestones are in epochs. The weights end in `segmenter/mod
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,18 +22,11 @@ import torch
 from jobs import distill, train_detector
 from jobs.common import stage_main
 from jobs.sharded import dataset_of
-from jobs.training import all_finite, barrier, export_weights, fit_workers
+from jobs.training import Worker, export_weights, fit_stage
 from maskdistill.config import ExperimentConfig, LRSchedule
 from maskdistill.engine import (
-    Checkpointer,
-    MetricsLog,
-    NonFiniteLoss,
-    Prefetch,
-    TrainSpec,
-    batch_indices,
     build_scheduler,
     scaled_lr,
-    train,
     trainable,
 )
 from maskdistill.inference import Segmenter, segmenter_from_config
@@ -68,13 +60,9 @@ def iteration_schedule(config: ExperimentConfig, num_images: int) -> tuple[int, 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One DDP worker: build, resume, train, report the last loss."""
-    config: ExperimentConfig = loop_config["config"]
-    seg = config.segmenter
-    torch.set_num_threads(math.ceil(seg.cpus_per_worker))
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    run = RunDir(config.run_dir)
-    device = ray.train.torch.get_device()
+    seg = loop_config["config"].segmenter
+    worker = Worker.start(loop_config, seg)
+    config, run, device = worker.config, worker.run, worker.device
     rows = training_rows(config, run)
     per_epoch, max_iters, schedule = iteration_schedule(config, len(rows))
     classes = train_detector.num_classes(run)
@@ -95,14 +83,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
 
     def batch_at(iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = batch_indices(
-            iteration,
-            rank=rank,
-            world_size=world,
-            batch_size=seg.batch_size // world,
-            num_samples=len(samples),
-            seed=config.seed,
-        )
+        indices = worker.indices(iteration, global_batch=seg.batch_size, num_samples=len(samples))
         pairs = [samples.load(i, variant=iteration) for i in indices]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
@@ -112,42 +93,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             model, images.to(device), targets.to(device), fraction=seg.hard_pixel_fraction
         )
 
-    spec = TrainSpec(
+    worker.train(
+        STAGE,
+        seg,
+        model,
+        optimizer,
+        build_scheduler(optimizer, schedule),
         max_iters=max_iters,
         checkpoint_every=per_epoch * seg.checkpoint_every_epochs,
-        checkpoints=Checkpointer(run.uri_of(STAGE, "checkpoints")),
-        log=MetricsLog(run.uri_of(STAGE, "log.jsonl")) if rank == 0 else None,
-        batch_at=Prefetch(batch_at, seg.loader_threads),
+        batch_at=batch_at,
         losses=losses,
-        device=device,
-        bf16=device.type == "cuda" and seg.precision == "bf16",
-        is_main=rank == 0,
-        barrier=barrier,
-        hooks=loop_config.get("hooks", ()),
-        all_finite=all_finite(device),
     )
-    try:
-        last = train(model, optimizer, build_scheduler(optimizer, schedule), spec)
-    except NonFiniteLoss as err:
-        ray.train.report({"error": str(err)})
-        return
-    ray.train.report({"iteration": max_iters, **last})
 
 
 def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] = ()) -> None:
     """Run the TorchTrainer; export the final weights to `segmenter/model.pt`."""
-    seg = config.segmenter
     run = RunDir(config.run_dir)
-    metrics = fit_workers(
-        train_loop_per_worker,
-        {"config": config, "hooks": list(hooks)},
-        name=STAGE,
-        storage_path=run.uri_of(STAGE, "ray"),
-        num_workers=seg.num_workers,
-        use_gpu=seg.use_gpu,
-        cpus_per_worker=seg.cpus_per_worker,
-        max_failures=seg.max_failures,
-    )
+    metrics = fit_stage(train_loop_per_worker, config, STAGE, config.segmenter, hooks)
     state = export_weights(run, STAGE, num_classes=train_detector.num_classes(run))
     manifest.inputs = len(training_rows(config, run))
     manifest.outputs = int(state["iteration"])

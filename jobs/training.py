@@ -4,17 +4,139 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import ray
+import ray.train
+import ray.train.torch
 import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from maskdistill import storage
-from maskdistill.engine import Checkpointer, NonFiniteLoss
+from maskdistill.config import ExperimentConfig
+from maskdistill.engine import (
+    Checkpointer,
+    MetricsLog,
+    NonFiniteLoss,
+    Prefetch,
+    TrainSpec,
+    batch_indices,
+    train,
+)
 from maskdistill.rundir import RunDir
+
+
+class TrainingSection(Protocol):
+    """The config keys every training stage has (detector, segmenter, pretrain)."""
+
+    @property
+    def num_workers(self) -> int: ...
+    @property
+    def use_gpu(self) -> bool: ...
+    @property
+    def cpus_per_worker(self) -> float: ...
+    @property
+    def max_failures(self) -> int: ...
+    @property
+    def loader_threads(self) -> int: ...
+    @property
+    def precision(self) -> str: ...
+
+
+def fit_stage(
+    loop: Callable[[dict[str, Any]], None],
+    config: ExperimentConfig,
+    stage: str,
+    section: TrainingSection,
+    hooks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """`fit_workers` for one stage: its section's workers, its run-directory folder."""
+    return fit_workers(
+        loop,
+        {"config": config, "hooks": list(hooks)},
+        name=stage,
+        storage_path=RunDir(config.run_dir).uri_of(stage, "ray"),
+        num_workers=section.num_workers,
+        use_gpu=section.use_gpu,
+        cpus_per_worker=section.cpus_per_worker,
+        max_failures=section.max_failures,
+    )
+
+
+@dataclass(frozen=True)
+class Worker:
+    """Where one DDP worker of a training stage runs: its rank, device and run directory."""
+
+    config: ExperimentConfig
+    rank: int
+    world: int
+    device: torch.device
+    run: RunDir
+    hooks: Sequence[Callable[[int], None]]
+
+    @classmethod
+    def start(cls, loop_config: Mapping[str, Any], section: TrainingSection) -> Worker:
+        torch.set_num_threads(math.ceil(section.cpus_per_worker))
+        context = ray.train.get_context()
+        config: ExperimentConfig = loop_config["config"]
+        return cls(
+            config=config,
+            rank=context.get_world_rank(),
+            world=context.get_world_size(),
+            device=ray.train.torch.get_device(),
+            run=RunDir(config.run_dir),
+            hooks=loop_config.get("hooks", ()),
+        )
+
+    def indices(self, iteration: int, *, global_batch: int, num_samples: int) -> list[int]:
+        """This rank's share of the global batch of `iteration` (a pure function: resumable)."""
+        return batch_indices(
+            iteration,
+            rank=self.rank,
+            world_size=self.world,
+            batch_size=global_batch // self.world,
+            num_samples=num_samples,
+            seed=self.config.seed,
+        )
+
+    def train(
+        self,
+        stage: str,
+        section: TrainingSection,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        *,
+        max_iters: int,
+        checkpoint_every: int,
+        batch_at: Callable[[int], Any],
+        losses: Callable[[torch.nn.Module, Any], Mapping[str, torch.Tensor]],
+    ) -> None:
+        """Resume, train to `max_iters` with checkpoints under `<stage>/checkpoints`, report the
+        last losses to Ray Train (or the NaN error, which the driver raises)."""
+        spec = TrainSpec(
+            max_iters=max_iters,
+            checkpoint_every=checkpoint_every,
+            checkpoints=Checkpointer(self.run.uri_of(stage, "checkpoints")),
+            log=MetricsLog(self.run.uri_of(stage, "log.jsonl")) if self.rank == 0 else None,
+            batch_at=Prefetch(batch_at, section.loader_threads),
+            losses=losses,
+            device=self.device,
+            bf16=self.device.type == "cuda" and section.precision == "bf16",
+            is_main=self.rank == 0,
+            barrier=barrier,
+            hooks=self.hooks,
+            all_finite=all_finite(self.device),
+        )
+        try:
+            last = train(model, optimizer, scheduler, spec)
+        except NonFiniteLoss as err:
+            ray.train.report({"error": str(err)})
+            return
+        ray.train.report({"iteration": max_iters, **last})
 
 
 def fit_workers(
