@@ -14,19 +14,14 @@ import argparse
 import numpy as np
 
 from jobs.distill import PSEUDO_SCHEMA
+from jobs.evaluate import candidate_instances, mined_instances
 from jobs.mine import split_folder
 from maskdistill.config import load_config
 from maskdistill.data import build_dataset
 from maskdistill.evaluation import InstanceSet, mask_ap
-from maskdistill.masks import decode_rle
 from maskdistill.pseudolabels import confident_masks
 from maskdistill.rundir import RunDir
 from maskdistill.shards import read_parts
-
-
-def masks_of(rles: list[str], height: int, width: int) -> np.ndarray:
-    decoded = [decode_rle({"size": [height, width], "counts": r}) for r in rles]
-    return np.stack(decoded) if decoded else np.zeros((0, height, width), dtype=bool)
 
 
 def main() -> None:
@@ -45,15 +40,15 @@ def main() -> None:
         truth.append(
             InstanceSet(row["image_id"], sample.instance_masks, sample.instance_classes, ones)
         )
-        mask = masks_of([row["mask_rle"]], row["height"], row["width"])
-        mined.append(InstanceSet(row["image_id"], mask, np.zeros(1), np.array([row["score"]])))
+        size = (row["height"], row["width"])
+        mined.append(mined_instances({**row, "cluster": 0}, row["image_id"], size))
     for row in read_parts(run, f"distill/{args.split}", PSEUDO_SCHEMA).to_pylist():
-        masks = masks_of(row["candidate_rle"], row["height"], row["width"])
-        scores = np.array(row["candidate_score"], dtype=np.float32)
-        classes = np.array(row["candidate_class"])
-        candidates.append(InstanceSet(row["image_id"], masks, classes, scores))
-        keep = confident_masks(scores, tau=config.pseudo_labels.tau)
-        confident.append(InstanceSet(row["image_id"], masks[keep], classes[keep], scores[keep]))
+        every = candidate_instances(row, row["image_id"], (row["height"], row["width"]))
+        candidates.append(every)
+        keep = confident_masks(every.scores, tau=config.pseudo_labels.tau)
+        confident.append(
+            InstanceSet(every.image_id, every.masks[keep], every.classes[keep], every.scores[keep])
+        )
     print(f"{args.split}: {len(truth)} images, {sum(len(t.masks) for t in truth)} objects")
     print(f"{'masks':<22} {'count':>6} {'AP':>6} {'AP50':>6} {'AP75':>6}")
     rows = (("mined", mined), ("detector, all", candidates), ("detector, confident", confident))
