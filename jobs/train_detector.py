@@ -64,6 +64,7 @@ def detector_for(config: ExperimentConfig, classes: int) -> torch.nn.Module:
         test_short_side=det.test_short_side,
         max_size=det.max_size,
         rpn_post_nms_top_n_train=det.proposals_per_image,
+        rpn_post_nms_top_n_test=det.test_proposals_per_image,
         box_batch_size_per_image=det.roi_batch_size,
         box_detections_per_img=det.detections_per_image,
     )

@@ -108,10 +108,14 @@ class PretrainConfig(Section):
     Runs only when backbone.weights is 'pretrain'. Defaults are DINO's ViT-S/16 recipe (Caron et
     al. 2021); `lr` is for 256 images per step and scales linearly with `batch_size`. Epoch
     counts become iterations at train_images // batch_size per epoch.
-    Tuning on small images and few iterations (configs/demo.yaml): the global crops should keep
-    objects at the size mining sees them (crop scale near 1, size near mining.short_side);
-    `out_dim` of a few thousand is enough for a few hundred images and much cheaper than 65536;
-    a warmer final teacher temperature (0.07) learns faster once warmed up.
+    Tuning knowledge (synthetic scenes, timm test_vit, a few hundred iterations): DINO needs
+    far more iterations than a CPU demo affords. Within ~400 iterations the teacher drifts to a
+    near-uniform output (loss close to ln out_dim) and the last block's CLS attention stays
+    flat, so mined masks are no better than a random init's; lr, out_dim (256..16384), teacher
+    temperature (0.02..0.07), teacher momentum (0.99..0.999), crop scales, crop counts and
+    batch size changed the mined-mask IoU by a few hundredths only. `head_batch_norm` stops the
+    uniform drift (the teacher keeps telling images apart) but did not make attention find
+    objects in that budget either. Higher lr than ~2.5e-4 per step (after scaling) hurt.
     """
 
     epochs: Positive = 100
@@ -119,8 +123,10 @@ class PretrainConfig(Section):
     lr: Annotated[float, Field(gt=0.0)] = Field(5e-4, description="peak lr for 256 images/step")
     min_lr: Annotated[float, Field(ge=0.0)] = 1e-6
     warmup_epochs: NonNegative = Field(10, description="linear lr warm-up from 0")
-    weight_decay: Annotated[float, Field(ge=0.0)] = Field(0.04, description="cosine from this...")
-    weight_decay_end: Annotated[float, Field(ge=0.0)] = Field(0.4, description="...to this")
+    weight_decay: Annotated[float, Field(ge=0.0)] = Field(
+        0.04, description="AdamW weight decay at the start, cosine to weight_decay_end"
+    )
+    weight_decay_end: Annotated[float, Field(ge=0.0)] = 0.4
     momentum_teacher: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         0.996, description="EMA momentum of the teacher, cosine to 1"
     )
@@ -145,9 +151,17 @@ class PretrainConfig(Section):
     local_crops: NonNegative = Field(8, description="small crops seen by the student only")
     local_crop_size: Positive = 96
     local_crop_scale: tuple[Fraction, Fraction] = (0.05, 0.4)
-    checkpoint_every_epochs: Positive = 10
+    hue_jitter: Annotated[float, Field(ge=0.0, le=0.5)] = Field(
+        0.1, description="largest hue change of the colour jitter, in turns (0.5: any hue)"
+    )
+    grayscale_probability: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
+    checkpoint_every_epochs: Positive = Field(
+        10, description="a checkpoint holds student, teacher and AdamW state: 4x the backbone"
+    )
     num_workers: Positive = Field(1, description="Ray Train workers (one per GPU)")
-    cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
+    cpus_per_worker: Annotated[float, Field(gt=0.0)] = Field(
+        1.0, description="CPUs per worker; torch runs ceil(cpus_per_worker) threads"
+    )
     use_gpu: bool = True
     max_failures: NonNegative = 2
     loader_threads: Positive = 4
@@ -246,6 +260,11 @@ class DetectorConfig(Section):
     max_size: Positive = Field(1333, description="cap on the longer side")
     proposals_per_image: Positive = Field(
         2000, description="RPN proposals kept per image in training (torchvision default)"
+    )
+    test_proposals_per_image: Positive = Field(
+        1000,
+        description="RPN proposals kept per image at inference (torchvision default); the box "
+        "head's cost is linear in it: most of the distill stage's time on a CPU",
     )
     roi_batch_size: Positive = Field(512, description="sampled RoIs per image for the heads")
     detections_per_image: Positive = Field(100, description="candidates kept per image")

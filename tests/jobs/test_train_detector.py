@@ -20,6 +20,7 @@ DETECTOR = (
     "detector.test_short_side=48",
     "detector.max_size=96",
     "detector.proposals_per_image=50",
+    "detector.test_proposals_per_image=50",
     "detector.roi_batch_size=32",
     "detector.detections_per_image=10",
     "detector.batch_size=2",
