@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from jobs import pretrain
 from jobs.common import connect, start
 from jobs.sharded import ShardedMap, dataset_of, run_sharded
-from maskdistill.backbones import build_backbone
+from maskdistill.backbones import backbone_weights, build_backbone
 from maskdistill.clustering import object_views
 from maskdistill.config import ExperimentConfig
 from maskdistill.masks import decode_rle, encode_rle
@@ -34,10 +35,11 @@ STAGE = "mine"
 
 
 def config_hash(config: ExperimentConfig) -> str:
-    """What the mined masks and features depend on."""
-    return config.section_hash(
+    """What the mined masks and features depend on (with weights 'pretrain', the pretraining)."""
+    own = config.section_hash(
         "data", "backbone", "mining", "clustering.feature", "clustering.view_size"
     )
+    return own + pretrain.config_hash(config) if pretrain.wanted(config) else own
 
 
 def split_folder(split: str) -> str:
@@ -59,7 +61,7 @@ class Miner:
         use_gpu = config.mining.num_gpus > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.bf16 = use_gpu and config.mining.precision == "bf16"
-        self.backbone = build_backbone(config.backbone.arch, weights=config.backbone.weights)
+        self.backbone = build_backbone(config.backbone.arch, weights=backbone_weights(config))
         self.backbone.to(self.device)
         self.mining = config.mining
         self.clustering = config.clustering

@@ -3,7 +3,8 @@
     python -m jobs.pipeline --config configs/demo.yaml          # laptop: Ray starts in-process
     ray job submit --working-dir . -- python -m jobs.pipeline --config configs/pascal.yaml
 
-Stages: data (index and preview) -> mine (Sec 3.2 masks) -> cluster (K-means) -> detector
+Stages: data (index and preview) -> pretrain (DINO on the train split, only when
+backbone.weights is 'pretrain') -> mine (Sec 3.2 masks) -> cluster (K-means) -> detector
 (Mask R-CNN, Ray Train) -> distill (Sec 3.3 confident pseudo labels) -> segmenter (DeepLab-v3,
 Eq 4, Ray Train) -> evaluate (Table 1 on the val split).
 
@@ -19,8 +20,9 @@ import argparse
 import time
 from collections.abc import Callable, Sequence
 
-from jobs import cluster, distill, evaluate, mine, train_detector, train_segmenter
+from jobs import cluster, distill, evaluate, mine, pretrain, train_detector, train_segmenter
 from jobs.common import connect, start
+from maskdistill.backbones import PRETRAINED
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import index
 from maskdistill.rundir import RunDir, StageManifest, read_manifest, stage_status
@@ -28,6 +30,7 @@ from maskdistill.rundir import RunDir, StageManifest, read_manifest, stage_statu
 Stage = Callable[..., StageManifest | None]
 STAGES: dict[str, Stage] = {
     "data": index.run_stage,
+    pretrain.STAGE: pretrain.run_stage,
     mine.STAGE: mine.run_stage,
     cluster.STAGE: cluster.run_stage,
     train_detector.STAGE: train_detector.run_stage,
@@ -37,6 +40,7 @@ STAGES: dict[str, Stage] = {
 }
 HASHES: dict[str, Callable[[ExperimentConfig], str]] = {
     "data": index.config_hash,
+    pretrain.STAGE: pretrain.config_hash,
     mine.STAGE: mine.config_hash,
     cluster.STAGE: cluster.config_hash,
     train_detector.STAGE: train_detector.config_hash,
@@ -45,6 +49,7 @@ HASHES: dict[str, Callable[[ExperimentConfig], str]] = {
     evaluate.STAGE: evaluate.config_hash,
 }
 KEY_METRICS = {
+    pretrain.STAGE: "loss_dino",
     cluster.STAGE: "clusters",
     train_detector.STAGE: "loss",
     train_segmenter.STAGE: "loss_seg",
@@ -52,9 +57,20 @@ KEY_METRICS = {
 }
 
 
-def selected(args: argparse.Namespace) -> list[str]:
+def needed(config: ExperimentConfig) -> list[str]:
+    """Every stage of this config, in order: `pretrain` only when backbone.weights is 'pretrain'."""
+    return [name for name in STAGES if name != pretrain.STAGE or pretrain.wanted(config)]
+
+
+def selected(config: ExperimentConfig, args: argparse.Namespace) -> list[str]:
     """The stages this invocation runs, in order."""
-    names = list(STAGES)
+    names = needed(config)
+    chosen = args.only or args.start
+    if chosen and chosen not in names:
+        raise SystemExit(
+            f"error: stage {chosen!r} is off for this config (it runs only with "
+            f"backbone.weights: {PRETRAINED!r})"
+        )
     if args.only:
         return [args.only]
     if args.start:
@@ -65,7 +81,8 @@ def selected(args: argparse.Namespace) -> list[str]:
 def check_upstream(config: ExperimentConfig, first: str) -> None:
     """The stages before `first` must be complete for this config."""
     run = RunDir(config.run_dir)
-    for name in list(STAGES)[: list(STAGES).index(first)]:
+    names = needed(config)
+    for name in names[: names.index(first)]:
         status = stage_status(run, name, HASHES[name](config))
         if status != "complete":
             raise SystemExit(
@@ -101,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_pipeline(config: ExperimentConfig, args: argparse.Namespace) -> dict[str, bool]:
     """Run the selected stages in order; which of them ran (rather than being reused)."""
-    stages = selected(args)
+    stages = selected(config, args)
     check_upstream(config, stages[0])
     ran: dict[str, bool] = {}
     for number, name in enumerate(stages, start=1):

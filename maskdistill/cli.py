@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from maskdistill.config import ConfigError, load_config
 
 RAY_COMMANDS = {
+    "pretrain": "jobs.pretrain",
     "mine": "jobs.mine",
     "cluster": "jobs.cluster",
     "train-detector": "jobs.train_detector",
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--preview", type=int, default=8, help="images in each preview picture")
     data.add_argument("--force", action="store_true", help="rerun even when already complete")
     for name, help_text in (
+        ("pretrain", "DINO self-distillation of the ViT on the train split (Ray Train)"),
         ("mine", "Sec 3.2: mine one object mask per image (Ray Data)"),
         ("cluster", "Sec 3.2: K-means on the mined objects' features"),
         ("train-detector", "Sec 3.2: distill a Mask R-CNN on the clustered masks (Ray Train)"),

@@ -1,0 +1,137 @@
+"""Stage `pretrain`: DINO self-distillation of the mining ViT on the train split, with Ray Train.
+
+    python -m jobs.pretrain --config configs/demo.yaml [--set pretrain.num_workers=4]
+
+Runs when backbone.weights is 'pretrain' (the pipeline skips it otherwise). The same contract
+as the other training stages: DDP workers draw their share of the global batch by iteration,
+rank 0 checkpoints student, teacher, centre, optimizer and RNG state every
+`pretrain.checkpoint_every_epochs` epochs to `run_dir/pretrain/checkpoints/` and logs loss and
+lr per iteration to `pretrain/log.jsonl`; a failed worker group restarts from the latest
+checkpoint, a NaN loss stops the run. At the end the teacher's backbone is written to
+`pretrain/backbone.pth` (DINO's release format; `backbones.backbone_weights` points mining at
+it) and its last block's CLS attention on a few val images to `pretrain/attention.png`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import ray.train.torch
+import torch
+
+from jobs.common import stage_main
+from jobs.sharded import dataset_of
+from jobs.training import Worker, fit_stage
+from maskdistill.backbones import PRETRAINED, PRETRAINED_BACKBONE
+from maskdistill.config import ExperimentConfig
+from maskdistill.engine import Checkpointer
+from maskdistill.pretrain import (
+    DINOSchedules,
+    MultiCrop,
+    attention_picture,
+    build_dino,
+    build_optimizer,
+    dino_losses,
+    dino_schedules,
+    export_teacher,
+    multi_crop_batch,
+    teacher_backbone,
+)
+from maskdistill.rundir import RunDir, StageManifest, execute
+from maskdistill.visualize import png_bytes
+
+STAGE = "pretrain"
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    """What the pretrained backbone depends on (not backbone.weights: that only says to use it)."""
+    return config.section_hash("data", "backbone.arch", "pretrain", "seed")
+
+
+def wanted(config: ExperimentConfig) -> bool:
+    """Whether the config's mining backbone is this run's own pretraining."""
+    return config.backbone.weights == PRETRAINED
+
+
+def schedules_for(config: ExperimentConfig, num_images: int) -> DINOSchedules:
+    """The per-iteration schedules for `num_images` training images (the last partial batch of
+    each epoch is dropped, as DINO does)."""
+    per_epoch = max(1, num_images // config.pretrain.batch_size)
+    return dino_schedules(config.pretrain, iters_per_epoch=per_epoch)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One DDP worker: build, resume, train, report the last loss."""
+    pre = loop_config["config"].pretrain
+    worker = Worker.start(loop_config, pre)
+    config, device = worker.config, worker.device
+    dataset = dataset_of(config.data, config.data.train_split)
+    image_ids = dataset.image_ids()
+    schedules = schedules_for(config, len(image_ids))
+    torch.manual_seed(config.seed)  # every rank starts from the same student and teacher
+    dino = build_dino(arch=config.backbone.arch, config=pre).to(device)
+    if pre.head_batch_norm and worker.world > 1 and device.type == "cuda":
+        dino = torch.nn.SyncBatchNorm.convert_sync_batchnorm(dino)  # DINO syncs head BN too
+    model = ray.train.torch.prepare_model(dino, move_to_device=False)
+    optimizer, scheduler = build_optimizer(dino, schedules, clip_grad=pre.clip_grad)
+    crops = MultiCrop.from_config(pre)
+
+    def batch_at(iteration: int) -> tuple[int, list[torch.Tensor]]:
+        indices = worker.indices(iteration, global_batch=pre.batch_size, num_samples=len(image_ids))
+        images = [dataset.load(image_ids[i]).image for i in indices]
+        views = multi_crop_batch(
+            images, crops, indices=indices, iteration=iteration, seed=config.seed
+        )
+        return iteration, views
+
+    worker.train(
+        STAGE,
+        pre,
+        model,
+        optimizer,
+        scheduler,
+        max_iters=schedules.iterations,
+        checkpoint_every=schedules.iterations // pre.epochs * pre.checkpoint_every_epochs,
+        batch_at=batch_at,
+        losses=dino_losses(schedules, device),
+    )
+
+
+def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] = ()) -> None:
+    """Run the TorchTrainer, then export the teacher backbone and draw its attention."""
+    pre = config.pretrain
+    run = RunDir(config.run_dir)
+    metrics = fit_stage(train_loop_per_worker, config, STAGE, pre, hooks)
+    latest = Checkpointer(run.uri_of(STAGE, "checkpoints")).latest()
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint under {run.uri_of(STAGE, 'checkpoints')}")
+    state = Checkpointer.load(latest)
+    dino = build_dino(arch=config.backbone.arch, config=pre)
+    dino.load_state_dict(state["model"])
+    export_teacher(dino, run.uri_of(*PRETRAINED_BACKBONE))
+    if pre.attention_images:
+        split = config.data.val_split or config.data.train_split
+        dataset = dataset_of(config.data, split)
+        images = [dataset.load(i).image for i in dataset.image_ids()[: pre.attention_images]]
+        picture = attention_picture(teacher_backbone(dino), images)
+        run.write_bytes(png_bytes(picture), STAGE, "attention.png")
+    manifest.inputs = len(dataset_of(config.data, config.data.train_split).image_ids())
+    manifest.outputs = int(state["iteration"])
+    manifest.metrics.update({k: float(v) for k, v in metrics.items() if k != "iteration"})
+
+
+def run_stage(
+    config: ExperimentConfig, *, force: bool = False, hooks: Sequence[Any] = ()
+) -> StageManifest | None:
+    """Pretrain the backbone; None when already complete for this config."""
+    run = RunDir(config.run_dir)
+    return execute(run, STAGE, config_hash(config), lambda m: fit(config, m, hooks), force=force)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(__doc__, argv, run_stage)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
