@@ -243,6 +243,7 @@ def _resume(
     if spec.log is not None:
         spec.log.truncate(state["iteration"])
         spec.log.add({"event": "resumed", "iteration": state["iteration"], "from": latest})
+        spec.log.flush()  # now: a run resumed at its last checkpoint trains no step to flush it
     return int(state["iteration"])
 
 

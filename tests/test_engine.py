@@ -113,6 +113,16 @@ def test_killed_run_resumes_at_the_same_iteration_and_lr(tmp_path: Path) -> None
         torch.testing.assert_close(a, b)
 
 
+def test_a_run_resumed_at_its_last_checkpoint_logs_the_resume_and_trains_no_step(
+    tmp_path: Path,
+) -> None:
+    _run(tmp_path)  # finished: the last checkpoint is iteration 10, like a kill before the manifest
+    before = MetricsLog(str(tmp_path / "log.jsonl")).read()
+    _, log = _run(tmp_path)
+    assert [r for r in log if "event" not in r] == [r for r in before if "event" not in r]
+    assert log[-1]["event"] == "resumed" and log[-1]["iteration"] == 10
+
+
 def test_only_the_last_checkpoints_are_kept(tmp_path: Path) -> None:
     _run(tmp_path)
     assert Checkpointer(str(tmp_path / "checkpoints")).names() == [
