@@ -170,13 +170,12 @@ def up(
     token_path.write_text(token)
     token_path.chmod(0o600)
     env = _node_env(token_path)
-    head_ports = _free_ports(len(HEAD_PORTS))
-    gcs_port, dashboard_port, client_port = head_ports
+    ports = _free_ports(len(HEAD_PORTS) + len(NODE_PORTS))  # one draw: no port handed out twice
+    head = dict(zip(HEAD_PORTS, ports, strict=False))
+    gcs_port, dashboard_port = head["--port"], head["--dashboard-port"]
     head_args = [
         "--head",
-        f"--port={gcs_port}",
-        f"--dashboard-port={dashboard_port}",
-        f"--ray-client-server-port={client_port}",
+        *(f"{name}={port}" for name, port in zip((*HEAD_PORTS, *NODE_PORTS), ports, strict=True)),
         "--include-dashboard=true",  # the job server lives in the dashboard
         "--dashboard-host=127.0.0.1",
         f"--temp-dir={root / 'ray'}",
@@ -184,7 +183,6 @@ def up(
         f"--object-store-memory={object_store_bytes}",
         "--min-worker-port=0",  # worker processes on OS-chosen ports: no clash between nodes
         "--max-worker-port=0",
-        *_port_flags(NODE_PORTS),
     ]
     pids = [_start_node(head_args, env=env, log=root / "head.log")]
     cluster = LocalCluster(

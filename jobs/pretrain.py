@@ -70,7 +70,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     image_ids = dataset.image_ids()
     schedules = schedules_for(config, len(image_ids))
     torch.manual_seed(config.seed)  # every rank starts from the same student and teacher
-    dino = build_dino(arch=config.backbone.arch, config=pre).to(device)
+    dino = build_dino(arch=config.backbone.arch, config=pre, seed=config.seed).to(device)
     if pre.head_batch_norm and worker.world > 1 and device.type == "cuda":
         dino = torch.nn.SyncBatchNorm.convert_sync_batchnorm(dino)  # DINO syncs head BN too
     model = ray.train.torch.prepare_model(dino, move_to_device=False)

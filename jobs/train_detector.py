@@ -51,7 +51,9 @@ def num_classes(run: RunDir) -> int:
     return int(manifest.metrics["clusters"]) + 1
 
 
-def detector_for(config: ExperimentConfig, classes: int) -> torch.nn.Module:
+def detector_for(
+    config: ExperimentConfig, classes: int, *, load_init: bool = True
+) -> torch.nn.Module:
     det = config.detector
     low, high = det.train_short_side
     return build_detector(
@@ -67,6 +69,7 @@ def detector_for(config: ExperimentConfig, classes: int) -> torch.nn.Module:
         rpn_post_nms_top_n_test=det.test_proposals_per_image,
         box_batch_size_per_image=det.roi_batch_size,
         box_detections_per_img=det.detections_per_image,
+        load_init=load_init,
     )
 
 
@@ -127,7 +130,7 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
 def load_detector(config: ExperimentConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The trained detector from `detector/model.pt`, in eval mode."""
     state = read_weights(RunDir(config.run_dir), STAGE)
-    model = detector_for(config, int(state["num_classes"]))
+    model = detector_for(config, int(state["num_classes"]), load_init=False)  # weights: model.pt
     model.load_state_dict(state["model"])
     return model.to(device).eval()
 

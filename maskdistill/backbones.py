@@ -48,7 +48,7 @@ _STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 # DINO's projection head and timm's classifier: the backbone is built without a head.
 _DROP_PREFIX = "head."
 _LIST_LIMIT = 10
-RANDOM_SEED = 0  # weights="random": timm's initialisation under this seed
+RANDOM_SEED = 0  # weights="random": timm's initialisation under this seed by default
 PRETRAINED = "pretrain"  # backbone.weights: this run's own DINO pretraining
 PRETRAINED_BACKBONE = ("pretrain", "backbone.pth")  # where it is, under the run directory
 
@@ -128,8 +128,12 @@ def backbone_weights(config: ExperimentConfig) -> str:
     return config.backbone.weights
 
 
-def build_backbone(arch: str = "vit_small_patch16_224", *, weights: str = "random") -> ViTBackbone:
-    """A frozen, eval-mode backbone; `weights` is "random", "hub" or a checkpoint path/URI."""
+def build_backbone(
+    arch: str = "vit_small_patch16_224", *, weights: str = "random", seed: int = RANDOM_SEED
+) -> ViTBackbone:
+    """A frozen, eval-mode backbone; `weights` is "random", "hub" or a checkpoint path/URI.
+
+    "random" is timm's initialisation under `seed`, whatever the global RNG state."""
     if weights == PRETRAINED:
         raise ValueError(
             f"weights={PRETRAINED!r} names a run's own pretrained backbone; pass "
@@ -148,7 +152,7 @@ def build_backbone(arch: str = "vit_small_patch16_224", *, weights: str = "rando
     state = None if weights in ("random", "hub") else _read_state_dict(weights)
     # "random" is one fixed network: every actor, rerun and resumed shard mines with the same one
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEED)
+        torch.manual_seed(seed)
         model = timm.create_model(
             arch,
             pretrained=weights == "hub",

@@ -76,6 +76,7 @@ def build_detector(
     train_short_sides: Sequence[int] = TRAIN_SHORT_SIDES,
     test_short_side: int = 800,
     max_size: int = 1333,
+    load_init: bool = True,
     **kwargs: Any,
 ) -> MaskRCNN:
     """A Mask R-CNN for `num_classes` classes, background included (clusters + 1).
@@ -87,14 +88,16 @@ def build_detector(
     layer1 (A.1: the first two stages frozen); 5 trains everything. Unlike torchvision's
     builders it is honoured for every init. BatchNorm is FrozenBatchNorm2d in the backbone when
     it is pretrained (moco, imagenet) and in every frozen stage; otherwise plain BatchNorm2d.
+    load_init=False builds the same layers (frozen BatchNorm where `init` puts it) without
+    reading or downloading the init weights: for loading a trained detector's state dict.
     kwargs go to torchvision's MaskRCNN (box_score_thresh, box_detections_per_img,
     box_batch_size_per_image, rpn_post_nms_top_n_train, ...).
     """
     _check_args(arch, num_classes, init, init_path, train_short_sides, test_short_side, max_size)
     if {"min_size", "max_size"} & kwargs.keys():
         raise ValueError("image sizes are train_short_sides, test_short_side and max_size")
-    backbone = _backbone(arch, init, trainable_backbone_layers)
-    if init == "moco":
+    backbone = _backbone(arch, init, trainable_backbone_layers, load_init=load_init)
+    if init == "moco" and load_init:
         _load_strict(backbone.body, moco_state_dict(str(init_path)), str(init_path))
     model = _mask_rcnn(arch, backbone, num_classes, **kwargs)
     model.transform = MultiScaleTransform(train_short_sides, test_short_side, max_size)
@@ -142,12 +145,12 @@ def _check_args(
         raise ValueError(f"image sizes must be positive, got {sizes}")
 
 
-def _backbone(arch: str, init: str, trainable_layers: int) -> BackboneWithFPN:
+def _backbone(arch: str, init: str, trainable_layers: int, *, load_init: bool) -> BackboneWithFPN:
     """ResNet body + FPN with torchvision's stage freezing; frozen stages get frozen BN too."""
     depth = 18 if "resnet18" in arch else 50
     pretrained = init != "none"
     norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-    weights = _imagenet_weights(depth) if init == "imagenet" else None
+    weights = _imagenet_weights(depth) if init == "imagenet" and load_init else None
     resnet = getattr(torchvision.models, f"resnet{depth}")(weights=weights, norm_layer=norm_layer)
     fpn_norm = nn.BatchNorm2d if arch.endswith("_v2") else None
     # A.1: the first two backbone stages frozen (trainable_layers=3: stem and layer1)

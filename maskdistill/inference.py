@@ -79,7 +79,8 @@ class Segmenter:
         state = read_weights(run, SEGMENTER_STAGE)
         num_classes = int(state["num_classes"])
         model = segmenter_from_config(
-            config.segmenter.model_copy(update={"init": "none"}), num_classes=num_classes
+            config.segmenter.model_copy(update={"init": "none", "init_path": None}),
+            num_classes=num_classes,
         )
         model.load_state_dict(state["model"])
         names = default_class_names(num_classes)

@@ -15,6 +15,7 @@ import argparse
 import json
 import posixpath
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,9 +38,14 @@ class PredictReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def label_name(image_id: str) -> str:
-    """The label PNG's path under the output for `image_id` (a path relative to the input)."""
-    return f"{posixpath.splitext(image_id)[0]}.png"
+def label_names(image_ids: Sequence[str]) -> dict[str, str]:
+    """The label PNG's path under the output for each image id (a path relative to the input):
+    `a/b.jpg` -> `a/b.png`, or `a/b.jpg.png` when another image shares the stem `a/b`."""
+    stems = Counter(posixpath.splitext(i)[0] for i in image_ids)
+    return {
+        i: f"{i}.png" if stems[posixpath.splitext(i)[0]] > 1 else f"{posixpath.splitext(i)[0]}.png"
+        for i in image_ids
+    }
 
 
 def predict_folder(
@@ -54,9 +60,10 @@ def predict_folder(
     report = PredictReport()
     output = output.rstrip("/")
     existing = storage.list_tree(output)
+    names = label_names(images.image_ids())
     pending = []
-    for image_id in images.image_ids():
-        if label_name(image_id) in existing:
+    for image_id, name in names.items():
+        if name in existing:
             report.reused += 1
         else:
             pending.append(image_id)
@@ -71,10 +78,8 @@ def predict_folder(
         for sample, label_map in zip(samples, labels, strict=True):
             if overlays:
                 picture = png_bytes(overlay(sample.image, label_map))
-                storage.write_bytes(f"{output}/overlays/{label_name(sample.image_id)}", picture)
-            storage.write_bytes(
-                f"{output}/{label_name(sample.image_id)}", encode_label_map(label_map)
-            )
+                storage.write_bytes(f"{output}/overlays/{names[sample.image_id]}", picture)
+            storage.write_bytes(f"{output}/{names[sample.image_id]}", encode_label_map(label_map))
             report.written += 1
     body = {
         "written": report.written,

@@ -435,10 +435,11 @@ class DINO(nn.Module):
             teacher.mul_(momentum).add_(student.detach(), alpha=1 - momentum)
 
 
-def build_dino(*, arch: str, config: PretrainConfig) -> DINO:
-    """A randomly initialised student on `arch` (built as `build_backbone` builds it, so the
-    teacher's backbone loads strictly there) with a DINO head; the teacher starts as its copy."""
-    backbone = build_backbone(arch).model.requires_grad_(True).train()
+def build_dino(*, arch: str, config: PretrainConfig, seed: int = 0) -> DINO:
+    """A student on `arch`, timm's initialisation under `seed` (built as `build_backbone` builds
+    it, so the teacher's backbone loads strictly there), with a DINO head; the teacher starts as
+    its copy."""
+    backbone = build_backbone(arch, seed=seed).model.requires_grad_(True).train()
     head = DINOHead(
         backbone.embed_dim,
         out_dim=config.out_dim,

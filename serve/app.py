@@ -264,9 +264,15 @@ def start(
 
     `port`, `host` and `overrides` (ServeConfig keys) take precedence over the run's config.
     """
-    settings = dict(overrides or {})
-    settings.update({k: v for k, v in (("port", port), ("host", host)) if v is not None})
-    return run_app(*serve_config(run_dir, settings))
+    return run_app(*serve_config(run_dir, _with_address(overrides or {}, port, host)))
+
+
+def _with_address(
+    settings: Mapping[str, Any], port: int | None, host: str | None
+) -> dict[str, Any]:
+    """`settings` with the port and host given explicitly (None: the run's config decides)."""
+    given = {"port": port, "host": host}
+    return {**settings, **{k: v for k, v in given.items() if v is not None}}
 
 
 def run_app(run_uri: str, config: ServeConfig) -> str:
@@ -301,8 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for item in args.overrides:
             apply_override(settings, item)
-        settings.update({k: v for k, v in (("port", args.port), ("host", args.host)) if v})
-        run_uri, config = serve_config(args.run_dir, settings)
+        run_uri, config = serve_config(args.run_dir, _with_address(settings, args.port, args.host))
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

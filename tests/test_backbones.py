@@ -295,3 +295,9 @@ def test_random_weights_are_one_fixed_network_whatever_the_global_seed() -> None
     after = torch.rand(1)
     torch.manual_seed(2)
     assert torch.equal(after, torch.rand(1))  # the caller's random stream is left alone
+
+
+def test_random_weights_follow_the_seed_given() -> None:
+    first = build_backbone("test_vit", seed=1).state_dict()
+    second = build_backbone("test_vit", seed=2).state_dict()
+    assert not all(torch.equal(first[k], second[k]) for k in first)

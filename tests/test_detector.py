@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torchvision
 from torchvision.models.detection import MaskRCNN
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -25,6 +23,7 @@ from maskdistill.detector import (
     total_loss,
 )
 from maskdistill.masks import decode_rle, encode_rle, mask_to_box
+from tests.moco import moco_release_state, save_moco
 
 SIZE = (96, 128)
 NUM_CLASSES = 4  # 3 clusters + background
@@ -187,30 +186,7 @@ def test_resnet50_heads_have_one_output_per_class(arch: str) -> None:
 
 @pytest.fixture(scope="module")
 def moco_state() -> dict[str, torch.Tensor]:
-    """A MoCo v2 release-style state dict: ResNet-50 query encoder with an MLP head."""
-    torch.manual_seed(1)
-    resnet = torchvision.models.resnet50(weights=None)
-    body = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
-    for key, value in body.items():  # BN statistics unlike a fresh init, so loading shows
-        if key.endswith(("running_mean", "running_var")):
-            value.uniform_(0.5, 2.0)
-    head = {
-        "fc.0.weight": torch.randn(2048, 2048),
-        "fc.0.bias": torch.randn(2048),
-        "fc.2.weight": torch.randn(128, 2048),
-        "fc.2.bias": torch.randn(128),
-    }
-    state = {MOCO_PREFIX + k: v for k, v in {**body, **head}.items()}
-    state["module.encoder_k.conv1.weight"] = torch.randn(64, 3, 7, 7)
-    state["module.queue"] = torch.randn(128, 16)
-    return state
-
-
-def save_moco(state: dict[str, torch.Tensor], path: Path) -> str:
-    buffer = io.BytesIO()
-    torch.save({"epoch": 200, "arch": "resnet50", "state_dict": state}, buffer)
-    path.write_bytes(buffer.getvalue())
-    return str(path)
+    return moco_release_state(1)
 
 
 def test_moco_checkpoint_initialises_the_backbone_body(
@@ -329,3 +305,16 @@ def test_predict_returns_candidates_at_input_size() -> None:
         assert np.all(found.boxes[:, 2] <= image.shape[2]) and np.all(
             found.boxes[:, 3] <= image.shape[1]
         )
+
+
+def test_a_trained_detector_loads_without_reading_its_init_weights(
+    moco_state: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    trained = build_detector(
+        num_classes=3, init="moco", init_path=save_moco(moco_state, tmp_path / "moco.pth.tar")
+    )
+    structure = build_detector(
+        num_classes=3, init="moco", init_path=str(tmp_path / "gone.pth.tar"), load_init=False
+    )
+    assert type(structure.backbone.body.bn1) is FrozenBatchNorm2d
+    structure.load_state_dict(trained.state_dict())  # strict: the same layers

@@ -76,3 +76,14 @@ def test_predict_command_names_a_run_without_a_segmenter(
 ) -> None:
     assert predict.main([str(tmp_path), str(tmp_path), str(tmp_path / "out")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_a_run_trained_from_moco_loads_without_its_init_file(tmp_path: Path) -> None:
+    overrides = ("segmenter.init=moco", f"segmenter.init_path={tmp_path / 'gone.pth.tar'}")
+    run_dir = write_run(tmp_path / "run", *overrides)
+    assert Segmenter.from_run(str(run_dir)).num_classes == NUM_CLASSES
+
+
+def test_images_sharing_a_stem_keep_their_extension_in_the_label_name() -> None:
+    names = predict.label_names(["a/b.jpg", "a/b.png", "c.jpeg"])
+    assert names == {"a/b.jpg": "a/b.jpg.png", "a/b.png": "a/b.png.png", "c.jpeg": "c.png"}
