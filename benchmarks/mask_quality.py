@@ -13,10 +13,9 @@ import argparse
 
 import numpy as np
 
-from jobs.distill import PSEUDO_SCHEMA
+from jobs.distill import read_pseudo
 from jobs.evaluate import candidate_instances, mined_instances
 from jobs.mine import split_folder
-from maskdistill.config import load_config
 from maskdistill.data import build_dataset
 from maskdistill.evaluation import InstanceSet, mask_ap
 from maskdistill.pseudolabels import confident_masks
@@ -30,7 +29,7 @@ def main() -> None:
     parser.add_argument("--split", default="train")
     args = parser.parse_args()
     run = RunDir(args.run_dir)
-    config = load_config(f"{run.uri}/config.yaml")
+    config = run.read_config()
     dataset = build_dataset(config.data, args.split)
     truth, mined, candidates, confident = [], [], [], []
     for row in read_parts(run, split_folder(args.split)).to_pylist():
@@ -42,7 +41,7 @@ def main() -> None:
         )
         size = (row["height"], row["width"])
         mined.append(mined_instances({**row, "cluster": 0}, row["image_id"], size))
-    for row in read_parts(run, f"distill/{args.split}", PSEUDO_SCHEMA).to_pylist():
+    for row in read_pseudo(run, args.split).to_pylist():
         every = candidate_instances(row, row["image_id"], (row["height"], row["width"]))
         candidates.append(every)
         keep = confident_masks(every.scores, tau=config.pseudo_labels.tau)

@@ -24,7 +24,7 @@ from maskdistill.clustering import KMeansResult, assign, fit_kmeans, num_cluster
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import build_dataset
 from maskdistill.rundir import RunDir, StageManifest, execute
-from maskdistill.shards import MASK_SCHEMA, read_parts
+from maskdistill.shards import MASK_SCHEMA, read_parts, split_name
 
 STAGE = "cluster"
 LABELED_SCHEMA = MASK_SCHEMA.append(pa.field("cluster", pa.int32()))
@@ -58,7 +58,7 @@ def cluster_count(config: ExperimentConfig) -> int:
 def table_path(config: ExperimentConfig, split: str | None = None) -> tuple[str, str]:
     """Run-directory parts of a split's labelled-mask table (the train split by default)."""
     name = config.data.train_split if split is None else split
-    return STAGE, f"{name or 'images'}.parquet"
+    return STAGE, f"{split_name(name)}.parquet"
 
 
 def read_labeled(run: RunDir, config: ExperimentConfig, split: str | None = None) -> pa.Table:

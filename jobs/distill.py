@@ -28,6 +28,7 @@ from maskdistill.detector import predict
 from maskdistill.masks import encode_rle
 from maskdistill.pseudolabels import encode_label_map, pseudo_label
 from maskdistill.rundir import RunDir, StageManifest, execute
+from maskdistill.shards import read_parts, split_folder
 
 STAGE = "distill"
 PSEUDO_SCHEMA = pa.schema(
@@ -105,6 +106,11 @@ def _pseudo_row(image_id: str, out: dict[str, Any]) -> dict[str, object]:
     return {"image_id": image_id, **out["result"]}
 
 
+def read_pseudo(run: RunDir, split: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """A split's pseudo-label rows (only `columns` if given)."""
+    return read_parts(run, split_folder(STAGE, split), PSEUDO_SCHEMA, columns)
+
+
 def distill_split(
     config: ExperimentConfig, run: RunDir, split: str, manifest: StageManifest
 ) -> None:
@@ -112,7 +118,7 @@ def distill_split(
     spec = ShardedMap(
         data=config.data,
         split=split,
-        folder=f"{STAGE}/{split or 'images'}",
+        folder=split_folder(STAGE, split),
         shard_size=labels.shard_size,
         actor=Distiller,
         to_row=_pseudo_row,

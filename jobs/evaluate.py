@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from jobs import cluster, distill, train_segmenter
 from jobs.common import stage_main
+from jobs.sharded import dataset_of
 from maskdistill import crf, probe
 from maskdistill.config import ExperimentConfig
-from maskdistill.data import build_dataset
-from maskdistill.data.base import IGNORE_INDEX, Dataset, Sample, UnreadableImage
+from maskdistill.data.base import IGNORE_INDEX, Dataset, Sample, SkipLog, iter_samples
 from maskdistill.evaluation import (
     InstanceSet,
     confusion_matrix,
@@ -44,11 +44,10 @@ from maskdistill.evaluation import (
     remap_confusion,
     segmentation_scores,
 )
-from maskdistill.inference import CLASS_NAMES_FILE, Segmenter
+from maskdistill.inference import CLASS_NAMES_FILE, Segmenter, default_class_names
 from maskdistill.masks import decode_rle
 from maskdistill.pseudolabels import decode_label_map
 from maskdistill.rundir import RunDir, StageManifest, execute
-from maskdistill.shards import read_parts
 from maskdistill.visualize import labelled_overlays, png_bytes
 
 STAGE = "evaluate"
@@ -118,7 +117,7 @@ class Findings:
     mined: list[InstanceSet] = field(default_factory=list)
     candidates: list[InstanceSet] = field(default_factory=list)
     overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skips: SkipLog = field(default_factory=SkipLog)
     scored: int = 0
 
     def add(self, row: str, predicted: np.ndarray, truth: np.ndarray) -> None:
@@ -128,16 +127,15 @@ class Findings:
         self.confusion[row] = self.confusion.get(row, 0) + counts
 
 
-def _labelled(dataset: Dataset, image_id: str, findings: Findings) -> Sample | None:
-    try:
-        sample = dataset.load(image_id)
-    except UnreadableImage as err:
-        findings.skipped.append((image_id, err.reason))
-        return None
-    if sample.semantic is None:
-        findings.skipped.append((image_id, "no semantic ground truth"))
-        return None
-    return sample
+def labelled(dataset: Dataset, image_ids: Sequence[str], skips: SkipLog) -> list[Sample]:
+    """The readable samples with semantic ground truth; the others go to `skips`."""
+    samples = []
+    for sample in iter_samples(dataset, image_ids, skips):
+        if sample.semantic is None:
+            skips.add(sample.image_id, "no semantic ground truth")
+        else:
+            samples.append(sample)
+    return samples
 
 
 def score_batch(
@@ -150,22 +148,29 @@ def score_batch(
 ) -> None:
     """Add one batch of val images to every Table 1 row, the instance sets and the overlays."""
     images = [s.image for s in samples]
-    logits = segmenter.logits(images)
-    for sample, scores in zip(samples, logits, strict=True):
+    refined: list[np.ndarray | None] = [None] * len(samples)
+    if dense_crf:  # needs every class's score on the CPU; otherwise only the argmax leaves it
+        logits = segmenter.logits(images)
+        predictions = [t.argmax(dim=0).numpy() for t in logits]
+        refined = [
+            crf.dense_crf(s.image, t.softmax(dim=0).numpy())
+            for s, t in zip(samples, logits, strict=True)
+        ]
+    else:
+        predictions = segmenter.segment(images)
+    for sample, prediction, crf_map in zip(samples, predictions, refined, strict=True):
         assert sample.semantic is not None
         size = (sample.height, sample.width)
         mined, pseudo = tables[MINED].get(sample.image_id), tables[DETECTOR].get(sample.image_id)
         detector = (
             np.zeros(size, np.int64) if pseudo is None else decode_label_map(pseudo["label_png"])
         )
-        prediction = scores.argmax(dim=0).numpy()
         findings.scored += 1
         findings.add(MINED, mined_label_map(mined, size), sample.semantic)
         findings.add(DETECTOR, detector, sample.semantic)
         findings.add(SEGMENTER, prediction, sample.semantic)
-        if dense_crf:
-            refined = crf.dense_crf(sample.image, scores.softmax(dim=0).numpy())
-            findings.add(CRF, refined, sample.semantic)
+        if crf_map is not None:
+            findings.add(CRF, crf_map, sample.semantic)
         if sample.instance_masks is not None and sample.instance_classes is not None:
             ones = np.ones(len(sample.instance_classes))
             findings.truth.append(
@@ -177,14 +182,22 @@ def score_batch(
             findings.overlays.append((sample.image, sample.semantic, prediction))
 
 
+def _pairs(samples: Sequence[Sample]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(s.image, s.semantic) for s in samples if s.semantic is not None]
+
+
 def _linear_probe(
-    config: ExperimentConfig, segmenter: Segmenter, val_ids: Sequence[str], num_classes: int
+    config: ExperimentConfig,
+    segmenter: Segmenter,
+    val: Dataset,
+    val_ids: Sequence[str],
+    num_classes: int,
 ) -> dict[str, Any]:
     """A.2: a 1x1 conv on the frozen segmenter, trained on the labelled train split."""
     ev = config.evaluation
-    train = build_dataset(config.data, config.data.train_split)
+    train = dataset_of(config.data, config.data.train_split)
     train_ids = train.image_ids()[: ev.probe_max_images]
-    pairs = [(s.image, s.semantic) for s in _samples(train, train_ids) if s.semantic is not None]
+    pairs = _pairs(labelled(train, train_ids, SkipLog()))
     if not pairs:
         raise ValueError(f"linear probe: split {config.data.train_split!r} has no ground truth")
     classifier = probe.fit_linear_probe(
@@ -198,22 +211,11 @@ def _linear_probe(
         seed=config.seed,
         progress=print,
     )
-    val = build_dataset(config.data, str(config.data.val_split))
-    held_out = [(s.image, s.semantic) for s in _samples(val, val_ids) if s.semantic is not None]
+    held_out = _pairs(labelled(val, val_ids, SkipLog()))
     confusion = probe.probe_confusion(
         segmenter.model, classifier, held_out, num_classes=num_classes
     )
     return segmentation_scores(confusion, matching="identity")
-
-
-def _samples(dataset: Dataset, image_ids: Sequence[str]) -> list[Sample]:
-    samples = []
-    for image_id in image_ids:
-        try:
-            samples.append(dataset.load(image_id))
-        except UnreadableImage:
-            continue
-    return samples
 
 
 def _mask_ap(findings: Findings) -> dict[str, dict[str, float]]:
@@ -234,19 +236,19 @@ def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, 
     ev, run, split = config.evaluation, RunDir(config.run_dir), config.data.val_split
     if split is None:
         raise ValueError("evaluation needs data.val_split: a split with ground truth")
-    dataset = build_dataset(config.data, split)
+    dataset = dataset_of(config.data, split)
     class_names = ["background", *dataset.class_names]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     segmenter = Segmenter.from_run(run.uri, device=device, config=config)
     tables = {
         MINED: _rows_by_id(cluster.read_labeled(run, config, split)),
-        DETECTOR: _rows_by_id(read_parts(run, f"{distill.STAGE}/{split}", distill.PSEUDO_SCHEMA)),
+        DETECTOR: _rows_by_id(distill.read_pseudo(run, split)),
     }
     findings = Findings(segmenter.num_classes, len(class_names), ev.num_overlays)
     image_ids = dataset.image_ids()
     for start in tqdm(range(0, len(image_ids), ev.batch_size), desc="evaluate", unit="batch"):
-        batch = [_labelled(dataset, i, findings) for i in image_ids[start : start + ev.batch_size]]
-        score_batch(findings, segmenter, [s for s in batch if s], tables, dense_crf=ev.crf)
+        batch = labelled(dataset, image_ids[start : start + ev.batch_size], findings.skips)
+        score_batch(findings, segmenter, batch, tables, dense_crf=ev.crf)
     if SEGMENTER not in findings.confusion:
         raise ValueError(f"split {split!r}: no image with semantic ground truth to evaluate")
     metrics: dict[str, Any] = {
@@ -254,8 +256,10 @@ def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, 
         for row, confusion in findings.confusion.items()
     }
     if ev.linear_probe:
-        scored = [i for i in image_ids if i not in dict(findings.skipped)]
-        metrics[PROBE] = _jsonable(_linear_probe(config, segmenter, scored, len(class_names)))
+        skipped = findings.skips.reasons()
+        scored = [i for i in image_ids if i not in skipped]
+        probed = _linear_probe(config, segmenter, dataset, scored, len(class_names))
+        metrics[PROBE] = _jsonable(probed)
     if ev.mask_ap and findings.truth:
         metrics["mask AP"] = _mask_ap(findings)
     return metrics, findings, class_names
@@ -294,11 +298,8 @@ def mask_ap_table(results: dict[str, dict[str, float]]) -> str:
 
 def label_names(mapping: Sequence[int], class_names: Sequence[str]) -> list[str]:
     """The name of each segmenter label: its matched class, else "cluster k" (label 1 + k)."""
-    names = []
-    for label, matched in enumerate(mapping):
-        fallback = "background" if label == 0 else f"cluster {label - 1}"
-        names.append(class_names[matched] if matched >= 0 else fallback)
-    return names
+    fallback = default_class_names(len(mapping))
+    return [class_names[m] if m >= 0 else fallback[label] for label, m in enumerate(mapping)]
 
 
 def write_outputs(
@@ -341,7 +342,8 @@ def evaluate(config: ExperimentConfig) -> tuple[dict[str, Any], list[tuple[str, 
     """The whole stage's work on one worker: (metrics, skipped images, images scored)."""
     metrics, findings, class_names = evaluate_split(config)
     print(write_outputs(RunDir(config.run_dir), metrics, findings, class_names))
-    return metrics, findings.skipped, findings.scored
+    skipped = [(s.image_id, s.reason) for s in findings.skips.skipped]
+    return metrics, skipped, findings.scored
 
 
 def _body(config: ExperimentConfig, manifest: StageManifest) -> None:

@@ -22,6 +22,7 @@ import torch
 from jobs import pretrain
 from jobs.common import connect, start
 from jobs.sharded import ShardedMap, dataset_of, run_sharded
+from maskdistill import shards
 from maskdistill.backbones import backbone_weights, build_backbone
 from maskdistill.clustering import object_views
 from maskdistill.config import ExperimentConfig
@@ -43,8 +44,8 @@ def config_hash(config: ExperimentConfig) -> str:
 
 
 def split_folder(split: str) -> str:
-    """Where a split's parts go; an image folder's root split ('') is called `images`."""
-    return f"{STAGE}/{split or 'images'}"
+    """Where a split's mined parts go."""
+    return shards.split_folder(STAGE, split)
 
 
 def splits(config: ExperimentConfig) -> list[str]:

@@ -18,35 +18,26 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from types import ModuleType
 
 from jobs import cluster, distill, evaluate, mine, pretrain, train_detector, train_segmenter
 from jobs.common import connect, start
 from maskdistill.backbones import PRETRAINED
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import index
-from maskdistill.rundir import RunDir, StageManifest, read_manifest, stage_status
+from maskdistill.rundir import RunDir, read_manifest, stage_status
 
-Stage = Callable[..., StageManifest | None]
-STAGES: dict[str, Stage] = {
-    "data": index.run_stage,
-    pretrain.STAGE: pretrain.run_stage,
-    mine.STAGE: mine.run_stage,
-    cluster.STAGE: cluster.run_stage,
-    train_detector.STAGE: train_detector.run_stage,
-    distill.STAGE: distill.run_stage,
-    train_segmenter.STAGE: train_segmenter.run_stage,
-    evaluate.STAGE: evaluate.run_stage,
-}
-HASHES: dict[str, Callable[[ExperimentConfig], str]] = {
-    "data": index.config_hash,
-    pretrain.STAGE: pretrain.config_hash,
-    mine.STAGE: mine.config_hash,
-    cluster.STAGE: cluster.config_hash,
-    train_detector.STAGE: train_detector.config_hash,
-    distill.STAGE: distill.config_hash,
-    train_segmenter.STAGE: train_segmenter.config_hash,
-    evaluate.STAGE: evaluate.config_hash,
+# Every stage module has `run_stage(config, *, force)` and `config_hash(config)`.
+STAGES: dict[str, ModuleType] = {
+    "data": index,
+    pretrain.STAGE: pretrain,
+    mine.STAGE: mine,
+    cluster.STAGE: cluster,
+    train_detector.STAGE: train_detector,
+    distill.STAGE: distill,
+    train_segmenter.STAGE: train_segmenter,
+    evaluate.STAGE: evaluate,
 }
 KEY_METRICS = {
     pretrain.STAGE: "loss_dino",
@@ -83,7 +74,7 @@ def check_upstream(config: ExperimentConfig, first: str) -> None:
     run = RunDir(config.run_dir)
     names = needed(config)
     for name in names[: names.index(first)]:
-        status = stage_status(run, name, HASHES[name](config))
+        status = stage_status(run, name, STAGES[name].config_hash(config))
         if status != "complete":
             raise SystemExit(
                 f"error: stage {name!r} is {status} for this config; run it first "
@@ -127,7 +118,7 @@ def run_pipeline(config: ExperimentConfig, args: argparse.Namespace) -> dict[str
         if name != "data":
             connect()
         force = args.force or (args.start is not None)
-        ran[name] = STAGES[name](config, force=force) is not None
+        ran[name] = STAGES[name].run_stage(config, force=force) is not None
         print(
             f"== {name}: {'done' if ran[name] else 'reused'} in "
             f"{time.perf_counter() - begin:.1f} s ==",

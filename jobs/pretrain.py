@@ -22,10 +22,9 @@ import torch
 
 from jobs.common import stage_main
 from jobs.sharded import dataset_of
-from jobs.training import Worker, fit_stage
+from jobs.training import Worker, fit_stage, latest_state
 from maskdistill.backbones import PRETRAINED, PRETRAINED_BACKBONE
 from maskdistill.config import ExperimentConfig
-from maskdistill.engine import Checkpointer
 from maskdistill.pretrain import (
     DINOSchedules,
     MultiCrop,
@@ -103,10 +102,7 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
     pre = config.pretrain
     run = RunDir(config.run_dir)
     metrics = fit_stage(train_loop_per_worker, config, STAGE, pre, hooks)
-    latest = Checkpointer(run.uri_of(STAGE, "checkpoints")).latest()
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint under {run.uri_of(STAGE, 'checkpoints')}")
-    state = Checkpointer.load(latest)
+    state = latest_state(run, STAGE)
     dino = build_dino(arch=config.backbone.arch, config=pre)
     dino.load_state_dict(state["model"])
     export_teacher(dino, run.uri_of(*PRETRAINED_BACKBONE))

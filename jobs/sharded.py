@@ -24,10 +24,11 @@ from maskdistill.data import Dataset, UnreadableImage, build_dataset
 from maskdistill.rundir import RunDir, StageManifest
 from maskdistill.shards import (
     MASK_SCHEMA,
+    count_rows,
     finished_shards,
-    read_parts,
     read_skipped,
     shard_ids,
+    split_name,
     write_shard,
 )
 
@@ -101,12 +102,11 @@ def run_sharded(run: RunDir, spec: ShardedMap, manifest: StageManifest) -> None:
     pending = {i: ids for i, ids in enumerate(shards) if i not in done}
     if pending:
         _process(run, spec, pending)
-    table = read_parts(run, spec.folder, spec.schema)
     manifest.inputs += sum(len(ids) for ids in shards)
-    manifest.outputs += table.num_rows
+    manifest.outputs += count_rows(run, spec.folder)
     for entry in read_skipped(run, spec.folder):
         manifest.skip(entry["image_id"], entry["reason"])
-    name = spec.split or "images"
+    name = split_name(spec.split)
     manifest.metrics[f"{name}_shards"] = len(shards)
     manifest.metrics[f"{name}_shards_reused"] = len(done)
 

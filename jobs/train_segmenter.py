@@ -32,7 +32,6 @@ from maskdistill.engine import (
 from maskdistill.inference import Segmenter, segmenter_from_config
 from maskdistill.rundir import RunDir, StageManifest, execute
 from maskdistill.segmenter import SegmentationSamples, segmenter_losses
-from maskdistill.shards import read_parts
 
 STAGE = "segmenter"
 
@@ -44,8 +43,7 @@ def config_hash(config: ExperimentConfig) -> str:
 def training_rows(config: ExperimentConfig, run: RunDir) -> list[dict[str, Any]]:
     """The pseudo labels of the train split, one row per image."""
     split = config.data.train_split
-    table = read_parts(run, f"{distill.STAGE}/{split or 'images'}", distill.PSEUDO_SCHEMA)
-    return table.select(["image_id", "label_png"]).to_pylist()
+    return distill.read_pseudo(run, split, ["image_id", "label_png"]).to_pylist()
 
 
 def iteration_schedule(config: ExperimentConfig, num_images: int) -> tuple[int, int, LRSchedule]:

@@ -184,13 +184,19 @@ def _warn_if_short(per_worker: dict[str, float], num_workers: int) -> None:
             )
 
 
-def export_weights(run: RunDir, stage: str, **extra: Any) -> dict[str, Any]:
-    """Write the latest checkpoint's model (and `extra`) to `<stage>/model.pt`; return the
-    checkpoint."""
+def latest_state(run: RunDir, stage: str) -> dict[str, Any]:
+    """The stage's latest checkpoint; FileNotFoundError naming the folder when there is none."""
     latest = Checkpointer(run.uri_of(stage, "checkpoints")).latest()
     if latest is None:
         raise FileNotFoundError(f"no checkpoint under {run.uri_of(stage, 'checkpoints')}")
-    state = Checkpointer.load(latest)
+    state: dict[str, Any] = Checkpointer.load(latest)
+    return state
+
+
+def export_weights(run: RunDir, stage: str, **extra: Any) -> dict[str, Any]:
+    """Write the latest checkpoint's model (and `extra`) to `<stage>/model.pt`; return the
+    checkpoint."""
+    state = latest_state(run, stage)
     buffer = io.BytesIO()
     torch.save({"model": state["model"], **extra}, buffer)
     storage.write_bytes(run.uri_of(stage, "model.pt"), buffer.getvalue())

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from maskdistill.backbones import to_model_input
 from maskdistill.config import ExperimentConfig, SegmenterConfig
 from maskdistill.rundir import RunDir
-from maskdistill.segmenter import build_segmenter, normalize
+from maskdistill.segmenter import build_segmenter
 
 SEGMENTER_STAGE = "segmenter"
 CLASS_NAMES_FILE = ("evaluate", "class_names.json")
@@ -92,12 +93,25 @@ class Segmenter:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    @torch.no_grad()
     def logits(self, images: Sequence[np.ndarray]) -> list[Tensor]:
-        """float32 [C, H, W] logits for each uint8 RGB [H, W, 3] image, on the CPU.
+        """float32 [C, H, W] logits for each uint8 RGB [H, W, 3] image, on the CPU."""
+        return self._per_image(images, lambda logits: logits.float())
 
-        Images of one size go through the network together; A.3: at the original resolution.
-        """
+    def segment(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """int64 label maps [H, W], one per image (the argmax taken on the model's device)."""
+        return [t.numpy() for t in self._per_image(images, lambda logits: logits.argmax(dim=1))]
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """float32 softmax [C, H, W] per image (for the dense CRF)."""
+        softmax = self._per_image(images, lambda logits: logits.float().softmax(dim=1))
+        return [t.numpy() for t in softmax]
+
+    @torch.no_grad()
+    def _per_image(
+        self, images: Sequence[np.ndarray], reduce: Callable[[Tensor], Tensor]
+    ) -> list[Tensor]:
+        """`reduce` of the logits [B, C, H, W] of each same-size group, split per image, on the
+        CPU. Images go to the device as uint8 and are normalised there; A.3: original size."""
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, image in enumerate(images):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -107,17 +121,9 @@ class Segmenter:
             by_size[image.shape[:2]].append(i)
         out: list[Tensor | None] = [None] * len(images)
         for indices in by_size.values():
-            batch = torch.stack([normalize(images[i]) for i in indices]).to(self.device)
+            pixels = torch.from_numpy(np.stack([images[i] for i in indices])).to(self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.model(batch)["out"]
-            for i, result in zip(indices, logits.float().cpu(), strict=True):
+                logits = self.model(to_model_input(pixels))["out"]
+            for i, result in zip(indices, reduce(logits).cpu(), strict=True):
                 out[i] = result
         return [t for t in out if t is not None]
-
-    def segment(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """int64 label maps [H, W], one per image."""
-        return [t.argmax(dim=0).numpy() for t in self.logits(images)]
-
-    def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """float32 softmax [C, H, W] per image (for the dense CRF)."""
-        return [t.softmax(dim=0).numpy() for t in self.logits(images)]

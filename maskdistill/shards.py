@@ -31,6 +31,16 @@ MASK_SCHEMA = pa.schema(
 )
 
 
+def split_name(split: str) -> str:
+    """A split's name in the run directory; an image folder's root split ('') is `images`."""
+    return split or "images"
+
+
+def split_folder(stage: str, split: str) -> str:
+    """Where a stage keeps a split's parts."""
+    return f"{stage}/{split_name(split)}"
+
+
 def shard_ids(image_ids: Sequence[str], shard_size: int) -> list[list[str]]:
     """Consecutive shards of the sorted ids, so reruns cut the same shards."""
     ordered = sorted(image_ids)
@@ -65,13 +75,29 @@ def write_shard(
     run.write_bytes(sink.getvalue(), folder, f"{part_name(shard)}.parquet")
 
 
-def read_parts(run: RunDir, folder: str, schema: pa.Schema = MASK_SCHEMA) -> pa.Table:
-    """All finished parts of `folder` as one table, in shard order."""
+def read_parts(
+    run: RunDir,
+    folder: str,
+    schema: pa.Schema = MASK_SCHEMA,
+    columns: Sequence[str] | None = None,
+) -> pa.Table:
+    """All finished parts of `folder` as one table, in shard order (only `columns` if given)."""
+    names = None if columns is None else list(columns)
     tables = [
-        pq.read_table(io.BytesIO(run.read_bytes(folder, f"{part_name(i)}.parquet")))
+        pq.read_table(io.BytesIO(run.read_bytes(folder, f"{part_name(i)}.parquet")), columns=names)
         for i in sorted(finished_shards(run, folder))
     ]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+    if tables:
+        return pa.concat_tables(tables)
+    return schema.empty_table() if names is None else schema.empty_table().select(names)
+
+
+def count_rows(run: RunDir, folder: str) -> int:
+    """Rows in the finished parts of `folder`, from the Parquet footers alone."""
+    return sum(
+        pq.read_metadata(io.BytesIO(run.read_bytes(folder, f"{part_name(i)}.parquet"))).num_rows
+        for i in finished_shards(run, folder)
+    )
 
 
 def read_skipped(run: RunDir, folder: str) -> list[dict[str, str]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from maskdistill.segmenter import (
     predict_segmentation,
     segmenter_losses,
 )
+from tests.moco import moco_release_state, save_moco
 
 SIZE = 64
 NUM_CLASSES = 4  # 3 classes + background
@@ -197,30 +197,7 @@ def test_bad_arguments_raise() -> None:
 
 @pytest.fixture(scope="module")
 def moco_state() -> dict[str, torch.Tensor]:
-    """A MoCo v2 release-style state dict: ResNet-50 query encoder with an MLP head."""
-    torch.manual_seed(3)
-    resnet = torchvision.models.resnet50(weights=None)
-    body = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
-    for key, value in body.items():  # BN statistics unlike a fresh init, so loading shows
-        if key.endswith(("running_mean", "running_var")):
-            value.uniform_(0.5, 2.0)
-    head = {
-        "fc.0.weight": torch.randn(2048, 2048),
-        "fc.0.bias": torch.randn(2048),
-        "fc.2.weight": torch.randn(128, 2048),
-        "fc.2.bias": torch.randn(128),
-    }
-    state = {MOCO_PREFIX + k: v for k, v in {**body, **head}.items()}
-    state["module.encoder_k.conv1.weight"] = torch.randn(64, 3, 7, 7)
-    state["module.queue"] = torch.randn(128, 16)
-    return state
-
-
-def save_moco(state: dict[str, torch.Tensor], path: Path) -> str:
-    buffer = io.BytesIO()
-    torch.save({"epoch": 200, "arch": "resnet50", "state_dict": state}, buffer)
-    path.write_bytes(buffer.getvalue())
-    return str(path)
+    return moco_release_state(3)
 
 
 def test_moco_checkpoint_initialises_the_body(

@@ -6,11 +6,11 @@ import torch
 from jobs import mine, pretrain
 from maskdistill.backbones import PRETRAINED_BACKBONE, backbone_weights, build_backbone
 from maskdistill.config import ExperimentConfig
-from maskdistill.engine import Checkpointer, MetricsLog
+from maskdistill.engine import Checkpointer
 from maskdistill.pretrain import build_dino, teacher_backbone
 from maskdistill.rundir import RunDir
 from tests.jobs.conftest import tiny_config
-from tests.jobs.test_train_detector import FailOnce
+from tests.jobs.training import fail_once_then_resume
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
@@ -46,14 +46,12 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
 def test_pretraining_resumes_after_a_failure_and_exports_the_teacher(
     config: ExperimentConfig, tmp_path: Path
 ) -> None:
-    hook = FailOnce(6, str(tmp_path / "failed"))
-    manifest = pretrain.run_stage(config, hooks=[hook])
-    assert manifest is not None and (tmp_path / "failed").exists(), "the failure did happen"
+    manifest, steps, resumed = fail_once_then_resume(
+        pretrain.run_stage, config, "pretrain", 6, tmp_path
+    )
     run = RunDir(config.run_dir)
-    log = MetricsLog(run.uri_of("pretrain", "log.jsonl")).read()
-    steps = [r for r in log if "event" not in r]
     assert [r["iteration"] for r in steps] == list(range(9))
-    assert [r["iteration"] for r in log if r.get("event") == "resumed"] == [6]
+    assert resumed == [6]
     schedules = pretrain.schedules_for(config, 12)
     assert [r["lr"] for r in steps] == pytest.approx(list(schedules.lr))
     assert all(r["loss_dino"] == r["loss_dino"] for r in steps), "finite losses"

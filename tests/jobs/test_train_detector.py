@@ -4,11 +4,12 @@ import pytest
 
 from jobs import cluster, distill, mine, train_detector
 from maskdistill.config import ExperimentConfig
-from maskdistill.engine import MetricsLog, lr_factor, scaled_lr
+from maskdistill.engine import lr_factor, scaled_lr
 from maskdistill.pseudolabels import decode_label_map
 from maskdistill.rundir import RunDir, read_manifest
 from maskdistill.shards import read_parts
 from tests.jobs.conftest import tiny_config
+from tests.jobs.training import fail_once_then_resume
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
@@ -38,19 +39,6 @@ DETECTOR = (
 )
 
 
-class FailOnce:
-    """Raises at `iteration` on the first attempt only (a marker file outlives the worker)."""
-
-    def __init__(self, iteration: int, marker: str) -> None:
-        self.iteration, self.marker = iteration, marker
-
-    def __call__(self, iteration: int) -> None:
-        path = Path(self.marker)
-        if iteration == self.iteration and not path.exists():
-            path.write_text("failed once")
-            raise RuntimeError(f"injected failure at iteration {iteration}")
-
-
 @pytest.fixture(scope="module")
 def clustered(tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
     config = tiny_config(tmp_path_factory.mktemp("run"), *DETECTOR)
@@ -62,15 +50,12 @@ def clustered(tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
 def test_failed_worker_group_resumes_at_the_same_iteration_and_lr(
     clustered: ExperimentConfig, tmp_path: Path
 ) -> None:
-    hook = FailOnce(4, str(tmp_path / "failed"))
-    manifest = train_detector.run_stage(clustered, hooks=[hook])
-    assert manifest is not None and (tmp_path / "failed").exists(), "the failure did happen"
+    _, steps, resumed = fail_once_then_resume(
+        train_detector.run_stage, clustered, "detector", 4, tmp_path
+    )
     run = RunDir(clustered.run_dir)
-    log = MetricsLog(run.uri_of("detector", "log.jsonl")).read()
-    steps = [r for r in log if "event" not in r]
     assert [r["iteration"] for r in steps] == list(range(6))
-    resumed = [r for r in log if r.get("event") == "resumed"]
-    assert [r["iteration"] for r in resumed] == [4]
+    assert resumed == [4]
     schedule = clustered.detector.schedule
     expected = [scaled_lr(schedule, 2) * lr_factor(schedule, i) for i in range(6)]
     assert [r["lr"] for r in steps] == pytest.approx(expected)

@@ -7,10 +7,11 @@ from PIL import Image
 
 from jobs import cluster, distill, evaluate, mine, train_detector, train_segmenter
 from maskdistill.config import ExperimentConfig
-from maskdistill.engine import MetricsLog, lr_factor, scaled_lr
+from maskdistill.engine import lr_factor, scaled_lr
 from maskdistill.rundir import RunDir, read_manifest
 from tests.jobs.conftest import tiny_config
-from tests.jobs.test_train_detector import DETECTOR, FailOnce
+from tests.jobs.test_train_detector import DETECTOR
+from tests.jobs.training import fail_once_then_resume
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
@@ -57,14 +58,11 @@ def test_segmenter_resumes_after_a_failure_with_the_same_lr(
     distilled: ExperimentConfig, tmp_path: Path
 ) -> None:
     # 12 train images, batch 4: 3 iterations an epoch, 9 in all, checkpoints after 3 and 6.
-    hook = FailOnce(6, str(tmp_path / "failed"))
-    manifest = train_segmenter.run_stage(distilled, hooks=[hook])
-    assert manifest is not None and (tmp_path / "failed").exists()
-    run = RunDir(distilled.run_dir)
-    log = MetricsLog(run.uri_of("segmenter", "log.jsonl")).read()
-    steps = [r for r in log if "event" not in r]
+    _, steps, resumed = fail_once_then_resume(
+        train_segmenter.run_stage, distilled, "segmenter", 6, tmp_path
+    )
     assert [r["iteration"] for r in steps] == list(range(9))
-    assert [r["iteration"] for r in log if r.get("event") == "resumed"] == [6]
+    assert resumed == [6]
     _, _, schedule = train_segmenter.iteration_schedule(distilled, 12)
     assert schedule.milestones == [6]
     expected = [scaled_lr(schedule, 4) * lr_factor(schedule, i) for i in range(9)]
