@@ -26,16 +26,8 @@ import torch
 from maskdistill.backbones import ViTBackbone, build_backbone
 from maskdistill.config import ExperimentConfig, load_config
 from maskdistill.data import build_dataset
+from maskdistill.masks import best_match_iou
 from maskdistill.mining import mine_images
-
-
-def best_match_iou(mask: np.ndarray, objects: np.ndarray) -> float:
-    """IoU of a bool [H, W] mask with the best-matching of the bool [M, H, W] objects."""
-    if len(objects) == 0:
-        return 0.0
-    inter = (objects & mask).reshape(len(objects), -1).sum(1)
-    union = (objects | mask).reshape(len(objects), -1).sum(1)
-    return float((inter / np.maximum(union, 1)).max())
 
 
 def mined_ious(

@@ -116,6 +116,13 @@ class PretrainConfig(Section):
     batch size changed the mined-mask IoU by a few hundredths only. `head_batch_norm` stops the
     uniform drift (the teacher keeps telling images apart) but did not make attention find
     objects in that budget either. Higher lr than ~2.5e-4 per step (after scaling) hurt.
+    Within ~1000 iterations DINO either learns or collapses, and neither finds the objects
+    (`benchmarks/pretrain_curve.py` prints the teacher's entropy and where the seed lands):
+    with DINO's colour jitter it learns what is unique to each image (background colours,
+    clutter lines), the CLS attention settles there and the seed almost never lies on an
+    object; hue_jitter 0.5 with grayscale_probability 0.5 removes that cue and the teacher
+    turns uniform, even with lr 1e-3 per step, teacher_temp 0.02, out_dim 16..256 or small
+    local crops. 16384 train images instead of 256 (no image seen twice) did not change this.
     """
 
     epochs: Positive = 100

@@ -38,6 +38,17 @@ def mask_to_box(mask: np.ndarray) -> Box:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
+def best_match_iou(mask: np.ndarray, objects: np.ndarray) -> float:
+    """IoU of a bool [H, W] mask with the best-matching of the bool [M, H, W] objects (0: none)."""
+    if mask.shape != objects.shape[1:]:
+        raise ValueError(f"mask {mask.shape} and objects {objects.shape} differ in size")
+    if len(objects) == 0:
+        return 0.0
+    inter = (objects & mask).reshape(len(objects), -1).sum(1)
+    union = (objects | mask).reshape(len(objects), -1).sum(1)
+    return float((inter / np.maximum(union, 1)).max())
+
+
 def resize_nearest(mask: Array, size: tuple[int, int]) -> Array:
     """Resize the last two axes to `size` = (H, W) by nearest neighbour (pixel-centre aligned).
 

@@ -428,11 +428,11 @@ class DINO(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """Teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
-        for teacher, student in zip(
-            self.teacher.parameters(), self.student.parameters(), strict=True
-        ):
-            teacher.mul_(momentum).add_(student.detach(), alpha=1 - momentum)
+        """Teacher <- momentum * teacher + (1 - momentum) * student, as one fused update."""
+        teacher: list[Tensor] = list(self.teacher.parameters())
+        student: list[Tensor] = list(self.student.parameters())
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1 - momentum)
 
 
 def build_dino(*, arch: str, config: PretrainConfig, seed: int = 0) -> DINO:
@@ -554,12 +554,14 @@ def build_optimizer(
 
 
 def clip_gradients(parameters: Any, max_norm: float) -> None:
-    """DINO's clipping: each parameter's gradient scaled down to norm `max_norm` on its own."""
-    for parameter in parameters:
-        if parameter.grad is not None:
-            norm = float(parameter.grad.norm())
-            if norm > max_norm:
-                parameter.grad.mul_(max_norm / (norm + 1e-6))
+    """DINO's clipping: each parameter's gradient scaled down to norm `max_norm` on its own
+    (by max_norm / (norm + 1e-6) when its norm passes max_norm), without a host sync."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))
+    scales = torch.where(norms > max_norm, max_norm / (norms + 1e-6), torch.ones_like(norms))
+    torch._foreach_mul_(grads, list(scales.to(grads[0].dtype).unbind()))
 
 
 def dino_losses(

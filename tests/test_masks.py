@@ -6,6 +6,7 @@ import torch
 from pycocotools import mask as coco_mask
 
 from maskdistill.masks import (
+    best_match_iou,
     decode_rle,
     encode_rle,
     mask_to_box,
@@ -87,3 +88,16 @@ def test_patch_grid_covers_image() -> None:
     assert patch_grid((30, 45), 16) == (2, 3)
     assert patch_grid((32, 48), 16) == (2, 3)
     assert patch_grid((33, 48), 16) == (3, 3)
+
+
+def test_best_match_iou_takes_the_best_object() -> None:
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[:2, :2] = True  # 4 pixels
+    objects = np.zeros((2, 4, 4), dtype=bool)
+    objects[0, :2, :] = True  # 8 pixels, 4 shared: IoU 4/8
+    objects[1, :1, :1] = True  # 1 pixel inside: IoU 1/4
+    assert best_match_iou(mask, objects) == 0.5
+    assert best_match_iou(mask, objects[1:]) == 0.25
+    assert best_match_iou(mask, objects[:0]) == 0.0
+    with pytest.raises(ValueError, match="differ in size"):
+        best_match_iou(mask, objects[:, :3])

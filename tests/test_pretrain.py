@@ -178,11 +178,13 @@ def test_last_layer_is_frozen_for_the_first_epochs_and_decay_follows_its_schedul
 
 
 def test_clip_gradients_caps_each_parameter_on_its_own() -> None:
-    small, large = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
-    small.grad, large.grad = torch.tensor([0.3, 0.4]), torch.tensor([30.0, 40.0])
-    clip_gradients([small, large], 1.0)
+    small, large = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, 1))
+    unused = torch.nn.Parameter(torch.zeros(3))
+    small.grad, large.grad = torch.tensor([0.3, 0.4]), torch.tensor([[30.0], [40.0]])
+    clip_gradients([small, unused, large], 1.0)
     torch.testing.assert_close(small.grad, torch.tensor([0.3, 0.4]))
-    torch.testing.assert_close(large.grad, torch.tensor([0.6, 0.8]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(large.grad, torch.tensor([[0.6], [0.8]]), atol=1e-5, rtol=0)
+    assert unused.grad is None
 
 
 def test_multi_crop_views_are_shaped_normalised_and_reproducible() -> None:
