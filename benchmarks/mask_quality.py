@@ -37,7 +37,9 @@ def main() -> None:
         assert sample.instance_masks is not None and sample.instance_classes is not None
         ones = np.ones(len(sample.instance_masks))
         truth.append(
-            InstanceSet(row["image_id"], sample.instance_masks, sample.instance_classes, ones)
+            InstanceSet.from_masks(
+                row["image_id"], sample.instance_masks, sample.instance_classes, ones
+            )
         )
         size = (row["height"], row["width"])
         mined.append(mined_instances({**row, "cluster": 0}, row["image_id"], size))
@@ -45,15 +47,16 @@ def main() -> None:
         every = candidate_instances(row, row["image_id"], (row["height"], row["width"]))
         candidates.append(every)
         keep = confident_masks(every.scores, tau=config.pseudo_labels.tau)
+        rles = [every.rles[i] for i in keep]
         confident.append(
-            InstanceSet(every.image_id, every.masks[keep], every.classes[keep], every.scores[keep])
+            InstanceSet(every.image_id, every.size, rles, every.classes[keep], every.scores[keep])
         )
-    print(f"{args.split}: {len(truth)} images, {sum(len(t.masks) for t in truth)} objects")
+    print(f"{args.split}: {len(truth)} images, {sum(len(t.rles) for t in truth)} objects")
     print(f"{'masks':<22} {'count':>6} {'AP':>6} {'AP50':>6} {'AP75':>6}")
     rows = (("mined", mined), ("detector, all", candidates), ("detector, confident", confident))
     for name, sets in rows:
         ap = {k: 100 * v for k, v in mask_ap(truth, sets, class_agnostic=True).items()}
-        count = sum(len(s.masks) for s in sets)
+        count = sum(len(s.rles) for s in sets)
         print(f"{name:<22} {count:>6} {ap['AP']:>6.1f} {ap['AP50']:>6.1f} {ap['AP75']:>6.1f}")
 
 

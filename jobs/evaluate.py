@@ -68,7 +68,8 @@ def mined_label_map(row: dict[str, Any] | None, size: tuple[int, int]) -> np.nda
     """Sec 3.2's one mask of an image painted with its cluster: 0 background, 1 + cluster."""
     labels = np.zeros(size, dtype=np.int64)
     if row is not None:
-        labels[_masks([row["mask_rle"]], size)[0]] = 1 + int(row["cluster"])
+        mask = decode_rle({"size": list(size), "counts": row["mask_rle"]})
+        labels[mask] = 1 + int(row["cluster"])
     return labels
 
 
@@ -78,31 +79,32 @@ def mined_instances(
     """The mined mask as an instance: class = its cluster, score = its CLS attention share."""
     if row is None:
         return _no_instances(image_id, size)
-    masks = _masks([row["mask_rle"]], size)
-    return InstanceSet(image_id, masks, np.array([row["cluster"]]), np.array([row["score"]]))
+    rles = _rles([row["mask_rle"]], size)
+    return InstanceSet(image_id, size, rles, np.array([row["cluster"]]), np.array([row["score"]]))
 
 
 def candidate_instances(
     row: dict[str, Any] | None, image_id: str, size: tuple[int, int]
 ) -> InstanceSet:
-    """Every Mask R-CNN candidate of an image, with its cluster and detector score."""
+    """Every Mask R-CNN candidate of an image, with its cluster and detector score (RLEs kept)."""
     if row is None:
         return _no_instances(image_id, size)
     return InstanceSet(
         image_id,
-        _masks(row["candidate_rle"], size),
+        size,
+        _rles(row["candidate_rle"], size),
         np.asarray(row["candidate_class"], dtype=np.int64),
         np.asarray(row["candidate_score"], dtype=np.float64),
     )
 
 
-def _masks(rles: Sequence[str], size: tuple[int, int]) -> np.ndarray:
-    decoded = [decode_rle({"size": list(size), "counts": rle}) for rle in rles]
-    return np.stack(decoded) if decoded else np.zeros((0, *size), dtype=bool)
+def _rles(counts: Sequence[str], size: tuple[int, int]) -> list[dict[str, Any]]:
+    """The rows' RLE strings as pycocotools dicts of the image's size, not decoded."""
+    return [{"size": list(size), "counts": c} for c in counts]
 
 
 def _no_instances(image_id: str, size: tuple[int, int]) -> InstanceSet:
-    return InstanceSet(image_id, np.zeros((0, *size), bool), np.zeros(0, np.int64), np.zeros(0))
+    return InstanceSet(image_id, size, [], np.zeros(0, np.int64), np.zeros(0))
 
 
 @dataclass
@@ -174,7 +176,9 @@ def score_batch(
         if sample.instance_masks is not None and sample.instance_classes is not None:
             ones = np.ones(len(sample.instance_classes))
             findings.truth.append(
-                InstanceSet(sample.image_id, sample.instance_masks, sample.instance_classes, ones)
+                InstanceSet.from_masks(
+                    sample.image_id, sample.instance_masks, sample.instance_classes, ones
+                )
             )
             findings.mined.append(mined_instances(mined, sample.image_id, size))
             findings.candidates.append(candidate_instances(pseudo, sample.image_id, size))

@@ -122,7 +122,7 @@ class Worker:
             checkpoint_every=checkpoint_every,
             checkpoints=Checkpointer(self.run.uri_of(stage, "checkpoints")),
             log=MetricsLog(self.run.uri_of(stage, "log.jsonl")) if self.rank == 0 else None,
-            batch_at=Prefetch(batch_at, section.loader_threads),
+            batch_at=Prefetch(batch_at, section.loader_threads, stop=max_iters),
             losses=losses,
             device=self.device,
             bf16=self.device.type == "cuda" and section.precision == "bf16",

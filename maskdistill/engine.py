@@ -147,15 +147,19 @@ class MetricsLog:
 
 
 class Prefetch:
-    """`fn(iteration)` computed up to `depth` iterations ahead on a thread pool (data loading)."""
+    """`fn(iteration)` computed up to `depth` iterations ahead on a thread pool (data loading);
+    never for iterations at or past `stop` (the end of training) when it is given."""
 
-    def __init__(self, fn: Callable[[int], Any], depth: int) -> None:
-        self.fn, self.depth = fn, depth
+    def __init__(self, fn: Callable[[int], Any], depth: int, *, stop: int | None = None) -> None:
+        self.fn, self.depth, self.stop = fn, depth, stop
         self.pool = ThreadPoolExecutor(max_workers=depth)
         self.futures: dict[int, Future[Any]] = {}
 
     def __call__(self, iteration: int) -> Any:
-        for ahead in range(iteration, iteration + self.depth + 1):
+        end = iteration + self.depth + 1
+        if self.stop is not None:
+            end = max(iteration + 1, min(end, self.stop))
+        for ahead in range(iteration, end):
             if ahead not in self.futures:
                 self.futures[ahead] = self.pool.submit(self.fn, ahead)
         for stale in [k for k in self.futures if k < iteration]:

@@ -23,15 +23,65 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 
+Rle = dict[str, Any]
+
 
 @dataclass
 class InstanceSet:
-    """Masks of one image: bool [M, H, W], classes [M] (any ids), scores [M] (1 for truth)."""
+    """The instances of one image as COCO RLEs: `size` (H, W), `rles` [M], classes [M], scores [M].
+
+    RLEs, not dense masks, because the evaluate stage keeps every val image's truth, mined masks
+    and up to 100 detector candidates until the end: at 375x500 a dense bool mask is 187.5 kB, its
+    RLE a few hundred bytes. `rles` are pycocotools dicts; `counts` may be text (as in the Parquet
+    rows) or bytes and is stored as bytes. Classes are any ids; scores are 1 for ground truth.
+    """
 
     image_id: str
-    masks: np.ndarray
+    size: tuple[int, int]
+    rles: list[Rle]
     classes: np.ndarray
     scores: np.ndarray
+
+    def __post_init__(self) -> None:
+        height, width = (int(s) for s in self.size)
+        self.size = (height, width)
+        self.classes, self.scores = np.asarray(self.classes), np.asarray(self.scores)
+        counts = (len(self.rles), len(self.classes), len(self.scores))
+        if len(set(counts)) != 1:
+            raise ValueError(
+                f"image {self.image_id!r}: {counts[0]} masks, {counts[1]} classes and "
+                f"{counts[2]} scores; each mask needs one class and one score"
+            )
+        shared = [height, width]  # one list for every RLE of the image; pycocotools only reads it
+        self.rles = [_normalised(rle, shared, self.image_id) for rle in self.rles]
+
+    @classmethod
+    def from_masks(
+        cls, image_id: str, masks: np.ndarray, classes: np.ndarray, scores: np.ndarray
+    ) -> InstanceSet:
+        """The set of bool [M, H, W] masks (M may be 0; the size comes from the array)."""
+        if masks.ndim != 3:
+            raise ValueError(f"image {image_id!r}: masks must be [M, H, W], got {masks.shape}")
+        planes = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))
+        rles = coco_mask.encode(planes) if len(masks) else []
+        return cls(image_id, (masks.shape[1], masks.shape[2]), rles, classes, scores)
+
+    def masks(self) -> np.ndarray:
+        """The bool [M, H, W] masks, decoded (for tests and pictures; evaluation needs none)."""
+        if not self.rles:
+            return np.zeros((0, *self.size), dtype=bool)
+        return np.ascontiguousarray(coco_mask.decode(self.rles).transpose(2, 0, 1).astype(bool))
+
+
+def _normalised(rle: Rle, size: list[int], image_id: str) -> Rle:
+    if [int(s) for s in rle["size"]] != size:
+        raise ValueError(f"image {image_id!r} is {size[0]}x{size[1]}, an RLE is {rle['size']}")
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    if not isinstance(counts, bytes):
+        raise TypeError(f"image {image_id!r}: RLE counts must be str or bytes, got {type(counts)}")
+    return {"size": size, "counts": counts}
 
 
 ObjectSetting = Literal["single", "multi"]
@@ -80,12 +130,18 @@ def _by_image(
         if instance_set.image_id in known:
             raise ValueError(f"ground truth lists image {instance_set.image_id!r} twice")
         known.add(instance_set.image_id)
+    sizes = {t.image_id: t.size for t in truth}
     predicted: dict[str, InstanceSet] = {}
     for instance_set in predictions:
         if instance_set.image_id not in known:
             raise KeyError(f"prediction for {instance_set.image_id!r}, which has no ground truth")
         if instance_set.image_id in predicted:
             raise ValueError(f"predictions list image {instance_set.image_id!r} twice")
+        if instance_set.size != sizes[instance_set.image_id]:
+            raise ValueError(
+                f"predictions for image {instance_set.image_id!r} are {instance_set.size}, "
+                f"its ground truth {sizes[instance_set.image_id]}"
+            )
         predicted[instance_set.image_id] = instance_set
     return predicted
 
@@ -93,7 +149,8 @@ def _by_image(
 def _take(instance_set: InstanceSet, index: np.ndarray, image_id: str | None = None) -> InstanceSet:
     return InstanceSet(
         instance_set.image_id if image_id is None else image_id,
-        instance_set.masks[index],
+        instance_set.size,
+        [instance_set.rles[i] for i in index],
         instance_set.classes[index],
         instance_set.scores[index],
     )
@@ -108,28 +165,32 @@ def _single_object(
     for objects in truth:
         prediction = predicted.get(objects.image_id)
         if prediction is None or len(prediction.scores) == 0:
-            largest = np.argsort(-objects.masks.sum(axis=(1, 2)), kind="stable")[:1]
+            largest = np.argsort(-_areas(objects.rles), kind="stable")[:1]
             kept_truth.append(_take(objects, largest))
             continue
         top = int(np.argmax(prediction.scores))
         kept_predictions.append(_take(prediction, np.array([top])))
-        overlaps = _box_iou(_box(prediction.masks[top]), [_box(m) for m in objects.masks])
+        overlaps = _box_iou(_boxes(prediction.rles[top : top + 1])[0], _boxes(objects.rles))
         kept_truth.append(_take(objects, np.argsort(-overlaps, kind="stable")[:1]))
     return kept_truth, kept_predictions
 
 
-def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """(top, left, bottom, right), bottom/right exclusive; all 0 for an empty mask."""
-    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return 0, 0, 0, 0
-    return int(rows[0]), int(columns[0]), int(rows[-1]) + 1, int(columns[-1]) + 1
+def _areas(rles: list[Rle]) -> np.ndarray:
+    """int64 [M] pixel counts (pycocotools gives uint32, which negation would wrap)."""
+    return np.asarray(coco_mask.area(rles) if rles else [], dtype=np.int64)
 
 
-def _box_iou(box: tuple[int, int, int, int], others: list[tuple[int, int, int, int]]) -> np.ndarray:
-    if not others:
+def _boxes(rles: list[Rle]) -> np.ndarray:
+    """float64 [M, 4] (top, left, bottom, right), bottom/right exclusive; all 0 for empty masks."""
+    if not rles:
+        return np.zeros((0, 4))
+    x, y, w, h = np.asarray(coco_mask.toBbox(rles), dtype=np.float64).reshape(-1, 4).T
+    return np.stack([y, x, y + h, x + w], axis=1)
+
+
+def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    if len(boxes) == 0:
         return np.zeros(0)
-    boxes = np.array(others, dtype=np.float64).reshape(-1, 4)
     top, left = np.maximum(boxes[:, 0], box[0]), np.maximum(boxes[:, 1], box[1])
     bottom, right = np.minimum(boxes[:, 2], box[2]), np.minimum(boxes[:, 3], box[3])
     inter = np.clip(bottom - top, 0, None) * np.clip(right - left, 0, None)
@@ -152,20 +213,24 @@ def _match_clusters(
     mapping = _hungarian_mapping(overlap)
     matched = mapping >= 0
     target = np.where(matched, mapping, overlap.argmax(axis=1))
-    sizes = {t.image_id: t.masks.shape[1:] for t in truth}
+    sizes = {t.image_id: t.size for t in truth}
     taken = set(sizes)
     truth_out, predictions_out = list(truth), []
     for prediction in predictions:
         index = np.searchsorted(clusters, prediction.classes)
         relabelled = InstanceSet(
-            prediction.image_id, prediction.masks, classes[target[index]], prediction.scores
+            prediction.image_id,
+            prediction.size,
+            prediction.rles,
+            classes[target[index]],
+            prediction.scores,
         )
         predictions_out.append(_take(relabelled, np.flatnonzero(matched[index])))
         if matched[index].all():
             continue
         companion = _unused_name(f"{prediction.image_id}#unmatched", taken)
-        empty = np.zeros((0, *sizes[prediction.image_id]), dtype=bool)
-        truth_out.append(InstanceSet(companion, empty, np.zeros(0, np.int64), np.zeros(0)))
+        size = sizes[prediction.image_id]
+        truth_out.append(InstanceSet(companion, size, [], np.zeros(0, np.int64), np.zeros(0)))
         predictions_out.append(_take(relabelled, np.flatnonzero(~matched[index]), companion))
     return truth_out, predictions_out
 
@@ -183,7 +248,8 @@ def _cluster_class_overlap(
     """Sorted cluster ids [K], sorted class ids [C] and the pixels each pair shares [K, C].
 
     Per image, the union of a cluster's masks against the union of a class's masks (overlapping
-    masks of one cluster count once), summed over the images.
+    masks of one cluster count once), summed over the images; unions and their intersections are
+    taken on the RLEs (pycocotools merge), never decoded.
     """
     clusters = _unique_ids([p.classes for p in predictions])
     classes = _unique_ids([t.classes for t in truth])
@@ -193,7 +259,10 @@ def _cluster_class_overlap(
         ground = objects[prediction.image_id]
         rows, predicted = _class_unions(prediction, clusters)
         columns, true = _class_unions(ground, classes)
-        overlap[np.ix_(rows, columns)] += predicted @ true.T
+        for row, cluster_union in zip(rows, predicted, strict=True):
+            for column, class_union in zip(columns, true, strict=True):
+                shared = coco_mask.merge([cluster_union, class_union], intersect=True)
+                overlap[row, column] += float(coco_mask.area(shared))
     return clusters, classes, overlap
 
 
@@ -201,14 +270,14 @@ def _unique_ids(arrays: list[np.ndarray]) -> np.ndarray:
     return np.unique(np.concatenate([np.zeros(0, np.int64), *arrays]).astype(np.int64))
 
 
-def _class_unions(instance_set: InstanceSet, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions in `ids` of the set's classes and the flattened union of each one's masks."""
+def _class_unions(instance_set: InstanceSet, ids: np.ndarray) -> tuple[np.ndarray, list[Rle]]:
+    """Positions in `ids` of the set's classes and the RLE union of each one's masks."""
     present = np.unique(instance_set.classes).astype(np.int64)
-    masks = instance_set.masks
-    flat = masks.reshape(masks.shape[0], math.prod(masks.shape[1:]))
-    unions = [flat[instance_set.classes == c].any(axis=0) for c in present]
-    stacked = np.array(unions, dtype=np.float64).reshape(len(present), flat.shape[1])
-    return np.searchsorted(ids, present), stacked
+    unions = [
+        coco_mask.merge([instance_set.rles[i] for i in np.flatnonzero(instance_set.classes == c)])
+        for c in present
+    ]
+    return np.searchsorted(ids, present), unions
 
 
 def mask_ap(
@@ -225,7 +294,7 @@ def mask_ap(
     ground = COCO()
     ground.dataset = {
         "images": [
-            {"id": i, "height": t.masks.shape[1], "width": t.masks.shape[2]}
+            {"id": i, "height": t.size[0], "width": t.size[1]}
             for t, i in zip(truth, images.values(), strict=True)
         ],
         "annotations": _annotations(truth, images, class_agnostic, with_scores=False),
@@ -262,10 +331,9 @@ def _annotations(
     for instance_set in sets:
         if instance_set.image_id not in images:
             raise KeyError(f"prediction for {instance_set.image_id!r}, which has no ground truth")
-        for mask, cls, score in zip(
-            instance_set.masks, instance_set.classes, instance_set.scores, strict=True
+        for rle, cls, score in zip(
+            instance_set.rles, instance_set.classes, instance_set.scores, strict=True
         ):
-            rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
             annotation: dict[str, object] = {
                 "id": len(annotations) + 1,
                 "image_id": images[instance_set.image_id],

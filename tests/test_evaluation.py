@@ -9,6 +9,8 @@ from pycocotools.cocoeval import COCOeval
 
 from maskdistill.evaluation import (
     InstanceSet,
+    ObjectSetting,
+    _cluster_class_overlap,
     _grid_origin,
     confusion_matrix,
     confusion_picture,
@@ -18,6 +20,7 @@ from maskdistill.evaluation import (
     remap_confusion,
     segmentation_scores,
 )
+from maskdistill.masks import encode_rle
 
 
 def _square(y: int, x: int, side: int, size: int = 20) -> np.ndarray:
@@ -29,7 +32,7 @@ def _square(y: int, x: int, side: int, size: int = 20) -> np.ndarray:
 def _set(
     image_id: str, masks: list[np.ndarray], classes: list[int], scores: list[float]
 ) -> InstanceSet:
-    return InstanceSet(image_id, np.stack(masks), np.array(classes), np.array(scores))
+    return InstanceSet.from_masks(image_id, np.stack(masks), np.array(classes), np.array(scores))
 
 
 TRUTH = [
@@ -256,7 +259,7 @@ def _coco_direct(
 
     annotations, results = [], []
     for t in truth:
-        for mask, cls in zip(t.masks, t.classes, strict=True):
+        for mask, cls in zip(t.masks(), t.classes, strict=True):
             rle = encoded(mask)
             annotations.append(
                 {
@@ -270,7 +273,7 @@ def _coco_direct(
                 }
             )
     for p in predictions:
-        for mask, cls, score in zip(p.masks, p.classes, p.scores, strict=True):
+        for mask, cls, score in zip(p.masks(), p.classes, p.scores, strict=True):
             results.append(
                 {
                     "image_id": ids[p.image_id],
@@ -312,7 +315,9 @@ CLUSTERS = {1: 7, 2: 4}
 
 def _as_clusters(sets: list[InstanceSet]) -> list[InstanceSet]:
     return [
-        InstanceSet(s.image_id, s.masks, np.array([CLUSTERS[c] for c in s.classes]), s.scores)
+        InstanceSet(
+            s.image_id, s.size, s.rles, np.array([CLUSTERS[c] for c in s.classes]), s.scores
+        )
         for s in sets
     ]
 
@@ -415,3 +420,84 @@ def test_instance_mask_ap_errors() -> None:
             setting="single",
             class_agnostic=True,
         )
+
+
+def test_from_masks_round_trips_through_rles() -> None:
+    masks = np.random.default_rng(1).random((3, 7, 9)) < 0.4
+    masks[2] = False
+    instances = InstanceSet.from_masks("a", masks, np.array([1, 2, 3]), np.ones(3))
+    assert instances.size == (7, 9) and len(instances.rles) == 3
+    assert all(isinstance(rle["counts"], bytes) for rle in instances.rles)
+    decoded = instances.masks()
+    assert decoded.dtype == bool and decoded.shape == (3, 7, 9)
+    np.testing.assert_array_equal(decoded, masks)
+    empty = InstanceSet.from_masks("b", np.zeros((0, 4, 5), bool), np.zeros(0), np.zeros(0))
+    assert empty.size == (4, 5) and empty.rles == []
+    assert empty.masks().shape == (0, 4, 5) and empty.masks().dtype == bool
+
+
+def _random_case(seed: int) -> tuple[list[InstanceSet], list[InstanceSet], list[InstanceSet]]:
+    """Three 12x16 images, three rectangles each; predictions: the objects plus a duplicate of
+    the first, with 15 % of pixels flipped, random clusters 0..3 and scores. Returns the truth,
+    the predictions from dense masks and the same predictions from text RLEs (as in the rows)."""
+    rng = np.random.default_rng(seed)
+    truth, dense, rows = [], [], []
+    for image in "abc":
+        masks = np.zeros((3, 12, 16), dtype=bool)
+        for mask, (y, x, h, w) in zip(masks, rng.integers(0, 8, size=(3, 4)), strict=True):
+            mask[y : y + 4 + h, x : x + 4 + w] = True
+        truth.append(InstanceSet.from_masks(image, masks, rng.integers(1, 4, 3), np.ones(3)))
+        noisy = np.concatenate([masks, masks[:1]]) ^ (rng.random((4, 12, 16)) < 0.15)
+        clusters, scores = rng.integers(0, 4, 4), rng.random(4)
+        dense.append(InstanceSet.from_masks(image, noisy, clusters, scores))
+        text = [{"size": [12, 16], "counts": encode_rle(m)["counts"]} for m in noisy]
+        rows.append(InstanceSet(image, (12, 16), text, clusters, scores))
+    return truth, dense, rows
+
+
+# instance_mask_ap of _random_case(0) by the dense-mask implementation this one replaced:
+# [AP, AP50, AP75] per (setting, class_agnostic).
+RANDOM_CASE_AP: dict[tuple[ObjectSetting, bool], list[float]] = {
+    ("single", True): [0.2105610561, 0.4422442244, 0.1122112211],
+    ("single", False): [0.2378712871, 0.5, 0.1262376238],
+    ("multi", True): [0.2203300330, 0.6270627063, 0.1029702970],
+    ("multi", False): [0.2896039604, 0.6188118812, 0.1633663366],
+}
+
+
+def test_text_rles_from_rows_score_as_dense_masks_in_every_setting() -> None:
+    truth, dense, rows = _random_case(0)
+    assert all(isinstance(r["counts"], str) for r in (encode_rle(m) for m in dense[0].masks()))
+    for from_dense, from_rows in zip(dense, rows, strict=True):
+        assert from_rows.rles == from_dense.rles
+    for (setting, agnostic), expected in RANDOM_CASE_AP.items():
+        for predictions in (dense, rows):
+            scores = instance_mask_ap(truth, predictions, setting=setting, class_agnostic=agnostic)
+            assert [scores["AP"], scores["AP50"], scores["AP75"]] == pytest.approx(expected)
+
+
+def test_cluster_class_overlap_counts_the_pixels_of_the_unions() -> None:
+    # Per image: union of a cluster's masks against union of a class's masks, pixels summed.
+    truth, _, predictions = _random_case(0)
+    clusters, classes, overlap = _cluster_class_overlap(truth, predictions)
+    expected = np.zeros((len(clusters), len(classes)))
+    for t, p in zip(truth, predictions, strict=True):
+        for row, cluster in enumerate(clusters):
+            predicted = p.masks()[p.classes == cluster].any(axis=0)
+            for column, cls in enumerate(classes):
+                expected[row, column] += (predicted & t.masks()[t.classes == cls].any(axis=0)).sum()
+    np.testing.assert_array_equal(overlap, expected)
+    assert expected.sum() > 0
+
+
+def test_instance_set_errors_name_the_image() -> None:
+    rle = encode_rle(_square(0, 0, 3))
+    with pytest.raises(ValueError, match="'x': 1 masks, 2 classes and 1 scores"):
+        InstanceSet("x", (20, 20), [rle], np.array([1, 2]), np.ones(1))
+    with pytest.raises(ValueError, match="'x' is 10x20, an RLE is \\[20, 20\\]"):
+        InstanceSet("x", (10, 20), [rle], np.array([1]), np.ones(1))
+    with pytest.raises(ValueError, match="masks must be \\[M, H, W\\]"):
+        InstanceSet.from_masks("x", _square(0, 0, 3), np.array([1]), np.ones(1))
+    small = _set("a", [np.ones((10, 20), bool)], [1], [0.5])
+    with pytest.raises(ValueError, match="'a' are \\(10, 20\\), its ground truth \\(20, 20\\)"):
+        instance_mask_ap(TRUTH, [small], setting="multi", class_agnostic=True)
