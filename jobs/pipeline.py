@@ -42,7 +42,7 @@ STAGES: dict[str, ModuleType] = {
 KEY_METRICS = {
     pretrain.STAGE: "loss_dino",
     cluster.STAGE: "clusters",
-    train_detector.STAGE: "loss",
+    train_detector.STAGE: "loss_mask",
     train_segmenter.STAGE: "loss_seg",
     evaluate.STAGE: f"miou {evaluate.SEGMENTER}",
 }

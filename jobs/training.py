@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import math
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import ray
@@ -134,9 +137,23 @@ class Worker:
         try:
             last = train(model, optimizer, scheduler, spec)
         except NonFiniteLoss as err:
-            ray.train.report({"error": str(err)})
+            report_to_driver({"error": str(err)}, rank=self.rank)
             return
-        ray.train.report({"iteration": max_iters, **last})
+        report_to_driver({"iteration": max_iters, **last}, rank=self.rank)
+
+
+def report_to_driver(metrics: dict[str, Any], *, rank: int) -> None:
+    """Every worker's final `ray.train.report`; rank 0's reaches `fit_workers`.
+
+    Ray Train V2 keeps only metrics reported with a checkpoint (free-floating ones are dropped,
+    and with them a NaN error), so rank 0 attaches a one-file checkpoint holding the metrics.
+    """
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def fit_workers(
