@@ -7,7 +7,8 @@ with their clusters ("mined masks, clustered"), the confident Mask R-CNN pseudo 
 ("+ Mask R-CNN") and the segmenter's predictions at the original resolution ("+ DeepLab-v3"),
 each Hungarian-matched to the classes (majority vote with `evaluation.matching=majority`, for
 overclustering); with `evaluation.crf` also the segmenter after a dense CRF (Table 2 "+CRF"), and
-with `evaluation.linear_probe` a 1x1 conv trained on the frozen segmenter (A.2). Mask AP (A.4,
+with `evaluation.linear_probe` a 1x1 conv on the frozen segmenter (A.2), trained on the train split
+first and scored in the same single pass over val (its class ids need no matching). Mask AP (A.4,
 Table 3) covers the mined masks and the detector's candidates: `single` and `multi`,
 class-agnostic and semantic.
 
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from jobs import cluster, distill, train_segmenter
@@ -122,9 +124,18 @@ class Findings:
     skips: SkipLog = field(default_factory=SkipLog)
     scored: int = 0
 
-    def add(self, row: str, predicted: np.ndarray, truth: np.ndarray) -> None:
+    def add(
+        self,
+        row: str,
+        predicted: np.ndarray,
+        truth: np.ndarray,
+        *,
+        num_predicted: int | None = None,
+    ) -> None:
+        """Count one image into `row`; `num_predicted` labels (the segmenter's by default)."""
+        labels = self.num_predicted if num_predicted is None else num_predicted
         counts = confusion_matrix(
-            predicted, truth, num_predicted=self.num_predicted, num_classes=self.num_classes
+            predicted, truth, num_predicted=labels, num_classes=self.num_classes
         )
         self.confusion[row] = self.confusion.get(row, 0) + counts
 
@@ -147,8 +158,13 @@ def score_batch(
     tables: dict[str, dict[str, dict[str, Any]]],
     *,
     dense_crf: bool,
+    linear_probe: nn.Conv2d | None = None,
 ) -> None:
-    """Add one batch of val images to every Table 1 row, the instance sets and the overlays."""
+    """Add one batch of val images to every Table 1 row, the instance sets and the overlays.
+
+    With `linear_probe` (A.2, trained on the train split) its class ids join as the probe row,
+    a [num_classes, num_classes] confusion.
+    """
     images = [s.image for s in samples]
     refined: list[np.ndarray | None] = [None] * len(samples)
     if dense_crf:  # needs every class's score on the CPU; otherwise only the argmax leaves it
@@ -173,6 +189,9 @@ def score_batch(
         findings.add(SEGMENTER, prediction, sample.semantic)
         if crf_map is not None:
             findings.add(CRF, crf_map, sample.semantic)
+        if linear_probe is not None:
+            probed = probe.probe_prediction(segmenter.model, linear_probe, sample.image, size)
+            findings.add(PROBE, probed, sample.semantic, num_predicted=findings.num_classes)
         if sample.instance_masks is not None and sample.instance_classes is not None:
             ones = np.ones(len(sample.instance_classes))
             findings.truth.append(
@@ -190,13 +209,7 @@ def _pairs(samples: Sequence[Sample]) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(s.image, s.semantic) for s in samples if s.semantic is not None]
 
 
-def _linear_probe(
-    config: ExperimentConfig,
-    segmenter: Segmenter,
-    val: Dataset,
-    val_ids: Sequence[str],
-    num_classes: int,
-) -> dict[str, Any]:
+def _linear_probe(config: ExperimentConfig, segmenter: Segmenter, num_classes: int) -> nn.Conv2d:
     """A.2: a 1x1 conv on the frozen segmenter, trained on the labelled train split."""
     ev = config.evaluation
     train = dataset_of(config.data, config.data.train_split)
@@ -204,7 +217,7 @@ def _linear_probe(
     pairs = _pairs(labelled(train, train_ids, SkipLog()))
     if not pairs:
         raise ValueError(f"linear probe: split {config.data.train_split!r} has no ground truth")
-    classifier = probe.fit_linear_probe(
+    return probe.fit_linear_probe(
         segmenter.model,
         pairs,
         num_classes=num_classes,
@@ -215,11 +228,6 @@ def _linear_probe(
         seed=config.seed,
         progress=print,
     )
-    held_out = _pairs(labelled(val, val_ids, SkipLog()))
-    confusion = probe.probe_confusion(
-        segmenter.model, classifier, held_out, num_classes=num_classes
-    )
-    return segmentation_scores(confusion, matching="identity")
 
 
 def _mask_ap(findings: Findings) -> dict[str, dict[str, float]]:
@@ -249,21 +257,19 @@ def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, 
         DETECTOR: _rows_by_id(distill.read_pseudo(run, split)),
     }
     findings = Findings(segmenter.num_classes, len(class_names), ev.num_overlays)
+    linear_probe = _linear_probe(config, segmenter, len(class_names)) if ev.linear_probe else None
     image_ids = dataset.image_ids()
     for start in tqdm(range(0, len(image_ids), ev.batch_size), desc="evaluate", unit="batch"):
         batch = labelled(dataset, image_ids[start : start + ev.batch_size], findings.skips)
-        score_batch(findings, segmenter, batch, tables, dense_crf=ev.crf)
+        score_batch(findings, segmenter, batch, tables, dense_crf=ev.crf, linear_probe=linear_probe)
     if SEGMENTER not in findings.confusion:
         raise ValueError(f"split {split!r}: no image with semantic ground truth to evaluate")
     metrics: dict[str, Any] = {
-        row: _jsonable(segmentation_scores(confusion, matching=ev.matching))
+        row: _jsonable(
+            segmentation_scores(confusion, matching="identity" if row == PROBE else ev.matching)
+        )
         for row, confusion in findings.confusion.items()
     }
-    if ev.linear_probe:
-        skipped = findings.skips.reasons()
-        scored = [i for i in image_ids if i not in skipped]
-        probed = _linear_probe(config, segmenter, dataset, scored, len(class_names))
-        metrics[PROBE] = _jsonable(probed)
     if ev.mask_ap and findings.truth:
         metrics["mask AP"] = _mask_ap(findings)
     return metrics, findings, class_names

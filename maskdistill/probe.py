@@ -111,9 +111,19 @@ def fit_linear_probe(
     return probe.eval()
 
 
+def probe_prediction(
+    model: nn.Module, probe: nn.Conv2d, image: np.ndarray, size: tuple[int, int]
+) -> np.ndarray:
+    """int64 class ids [*size] of a uint8 RGB image: probe logits upsampled bilinearly (A.3)."""
+    with torch.no_grad():
+        logits = probe(probe_features(model, normalize(image)[None]))
+        upsampled = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return upsampled.argmax(dim=1)[0].cpu().numpy()
+
+
 def probe_confusion(
     model: nn.Module,
-    probe: nn.Module,
+    probe: nn.Conv2d,
     samples: Sequence[tuple[np.ndarray, np.ndarray]],
     *,
     num_classes: int,
@@ -121,29 +131,23 @@ def probe_confusion(
 ) -> np.ndarray:
     """int64 [num_classes, num_classes]: [p, g] counts pixels the probe calls p whose truth is g.
 
-    Predicted at each label's original resolution (logits upsampled bilinearly, A.3), one image
-    at a time; ignored pixels left out. Score with `segmentation_scores(matching="identity")`.
+    Predicted at each label's original resolution (`probe_prediction`), one image at a time;
+    ignored pixels left out. Score with `segmentation_scores(matching="identity")`.
     """
     if not samples:
         raise ValueError("no samples to evaluate the linear probe on")
-    images, labels = _checked_samples(samples, num_classes, ignore_index)
+    if probe.out_channels != num_classes:
+        raise ValueError(f"probe has {probe.out_channels} outputs, num_classes={num_classes}")
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    probe.eval()
-    with torch.no_grad():
-        for image, label in zip(images, labels, strict=True):
-            logits = probe(probe_features(model, image[None]))
-            if logits.shape[1] != num_classes:
-                raise ValueError(f"probe has {logits.shape[1]} outputs, num_classes={num_classes}")
-            size = tuple(label.shape)
-            upsampled = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-            predicted = upsampled.argmax(dim=1)[0].cpu().numpy()
-            confusion += confusion_matrix(
-                predicted,
-                label.numpy(),
-                num_predicted=num_classes,
-                num_classes=num_classes,
-                ignore_index=ignore_index,
-            )
+    for image, label in _checked(samples, num_classes, ignore_index):
+        height, width = label.shape
+        confusion += confusion_matrix(
+            probe_prediction(model, probe, image, (height, width)),
+            label,
+            num_predicted=num_classes,
+            num_classes=num_classes,
+            ignore_index=ignore_index,
+        )
     return confusion
 
 
@@ -190,9 +194,17 @@ def _checked_samples(
     samples: Sequence[Sample], num_classes: int, ignore_index: int
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Normalised images [3, H, W] and int64 labels [H, W]; ValueError naming the bad sample."""
+    images, labels = [], []
+    for image, label in _checked(samples, num_classes, ignore_index):
+        images.append(normalize(image))
+        labels.append(torch.from_numpy(label.astype(np.int64)))
+    return images, labels
+
+
+def _checked(samples: Sequence[Sample], num_classes: int, ignore_index: int) -> Iterator[Sample]:
+    """Each (image, labels) pair once it is valid; ValueError naming the first bad one."""
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes}: expected >= 2")
-    images, labels = [], []
     for index, (image, label) in enumerate(samples):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(
@@ -209,9 +221,7 @@ def _checked_samples(
                 f"sample {index}: label {outside.flat[0]} is neither a class in "
                 f"0..{num_classes - 1} nor ignore_index {ignore_index}"
             )
-        images.append(normalize(image))
-        labels.append(torch.from_numpy(label.astype(np.int64)))
-    return images, labels
+        yield image, label
 
 
 def _same_shape_chunks(

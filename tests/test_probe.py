@@ -11,7 +11,13 @@ from torch import nn
 
 from maskdistill.config import ConfigError, load_config
 from maskdistill.evaluation import segmentation_scores
-from maskdistill.probe import _random_crop, fit_linear_probe, probe_confusion, probe_features
+from maskdistill.probe import (
+    _random_crop,
+    fit_linear_probe,
+    probe_confusion,
+    probe_features,
+    probe_prediction,
+)
 from maskdistill.segmenter import build_segmenter, normalize
 
 SIZE = 32
@@ -79,6 +85,32 @@ def test_features_are_the_input_of_the_final_conv(model: nn.Module, train: Sampl
             model.classifier[-1](features), size=(SIZE, SIZE), mode="bilinear"
         )
     torch.testing.assert_close(logits, expected)
+
+
+def test_prediction_with_the_final_conv_as_probe_is_the_segmenters(
+    model: nn.Module, train: Samples
+) -> None:
+    image = train[1][0][:, :24]  # a size that is not a multiple of the output stride
+    final = model.classifier[-1]
+    predicted = probe_prediction(model, final, image, (SIZE, 24))
+    with torch.no_grad():
+        expected = model(normalize(image)[None])["out"].argmax(dim=1)[0].numpy()
+    assert predicted.dtype == np.int64 and predicted.shape == (SIZE, 24)
+    np.testing.assert_array_equal(predicted, expected)
+    # Any size: the logits are upsampled to it, not to the image's.
+    assert probe_prediction(model, final, image, (7, 5)).shape == (7, 5)
+
+
+def test_confusion_counts_each_images_prediction(
+    model: nn.Module, fitted: tuple[nn.Conv2d, dict, list[str]]
+) -> None:
+    probe, _, _ = fitted
+    samples = _one_colour_images(3, seed=2)
+    predictions = [probe_prediction(model, probe, image, (SIZE, SIZE)) for image, _ in samples]
+    expected = np.zeros((3, 3), dtype=np.int64)
+    for predicted, (_, label) in zip(predictions, samples, strict=True):
+        np.add.at(expected, (predicted.ravel(), label.ravel()), 1)
+    np.testing.assert_array_equal(probe_confusion(model, probe, samples, num_classes=3), expected)
 
 
 def test_probe_learns_a_linearly_decodable_class(

@@ -1,11 +1,16 @@
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from jobs import evaluate
-from maskdistill.config import ExperimentConfig
+from maskdistill.config import DataConfig, ExperimentConfig
+from maskdistill.data.base import Dataset, Sample, UnreadableImage
 from maskdistill.masks import encode_rle
+from maskdistill.rundir import RunDir
+from tests.runs import NUM_CLASSES, write_run
 
 
 def test_mined_label_map_paints_the_mask_with_one_plus_its_cluster() -> None:
@@ -46,3 +51,64 @@ def test_evaluation_needs_a_val_split(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="val_split"):
         evaluate.evaluate_split(config)
+
+
+class _CountingLoads:
+    """A split's data set that counts `load` per image id and cannot read `unreadable`."""
+
+    def __init__(self, dataset: Dataset, loads: Counter[str], unreadable: str = "") -> None:
+        self.dataset, self.loads, self.unreadable = dataset, loads, unreadable
+        self.class_names = dataset.class_names
+
+    def image_ids(self) -> list[str]:
+        return self.dataset.image_ids()
+
+    def load(self, image_id: str) -> Sample:
+        self.loads[image_id] += 1
+        if image_id == self.unreadable:
+            raise UnreadableImage(image_id, "planted")
+        return self.dataset.load(image_id)
+
+
+def test_linear_probe_is_scored_in_the_single_pass_over_val(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = RunDir(
+        str(
+            write_run(
+                tmp_path,
+                "data.synthetic.train_images=3",
+                "data.synthetic.val_images=4",
+                "data.synthetic.image_size=[32, 48]",
+                "evaluation.num_gpus=0",
+                "evaluation.batch_size=3",
+                "evaluation.linear_probe=true",
+                "evaluation.probe_epochs=1",
+                "evaluation.mask_ap=false",
+                "evaluation.num_overlays=0",
+            )
+        )
+    ).read_config()
+    loads: dict[str, Counter[str]] = {"train": Counter(), "val": Counter()}
+    real = evaluate.dataset_of
+
+    def counting(data: DataConfig, split: str) -> _CountingLoads:
+        return _CountingLoads(real(data, split), loads[split], unreadable="val_000001")
+
+    no_rows = pa.table({"image_id": pa.array([], pa.string())})
+    monkeypatch.setattr(evaluate, "dataset_of", counting)
+    monkeypatch.setattr(evaluate.cluster, "read_labeled", lambda *args: no_rows)
+    monkeypatch.setattr(evaluate.distill, "read_pseudo", lambda *args: no_rows)
+
+    metrics, findings, class_names = evaluate.evaluate_split(config)
+
+    assert loads["val"] == {f"val_{i:06d}": 1 for i in range(4)}  # decoded once, probe included
+    assert loads["train"] == {f"train_{i:06d}": 1 for i in range(3)}
+    classes = len(class_names)
+    assert findings.confusion[evaluate.PROBE].shape == (classes, classes)
+    assert findings.confusion[evaluate.SEGMENTER].shape == (NUM_CLASSES, classes)
+    # The unreadable image is scored by no row: 3 images of 32 x 48 pixels in each.
+    for row in (evaluate.SEGMENTER, evaluate.PROBE):
+        assert findings.confusion[row].sum() == 3 * 32 * 48
+    assert findings.skips.reasons() == {"val_000001": "planted"}
+    assert metrics[evaluate.PROBE]["mapping"] == list(range(classes))  # class ids: identity
