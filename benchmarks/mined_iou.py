@@ -27,7 +27,30 @@ from maskdistill.backbones import ViTBackbone, build_backbone
 from maskdistill.config import ExperimentConfig, load_config
 from maskdistill.data import build_dataset
 from maskdistill.masks import best_match_iou
-from maskdistill.mining import mine_images
+from maskdistill.mining import MinedMask, mine_images
+
+
+def mine_all(
+    backbone: ViTBackbone,
+    images: Sequence[np.ndarray],
+    config: ExperimentConfig,
+    *,
+    device: str | torch.device,
+    batch_size: int,
+) -> list[MinedMask]:
+    """One mined mask per image, as the mine stage mines it (the config's `mining` settings)."""
+    mined: list[MinedMask] = []
+    for start in range(0, len(images), batch_size):
+        mined += mine_images(
+            backbone,
+            images[start : start + batch_size],
+            short_side=config.mining.short_side,
+            top_k=config.mining.top_k,
+            cls_heads=config.mining.cls_heads,
+            seed_component=config.mining.seed_component,
+            device=device,
+        )
+    return mined
 
 
 def mined_ious(
@@ -40,22 +63,11 @@ def mined_ious(
     batch_size: int,
 ) -> np.ndarray:
     """Per image IoU of the mined mask (the whole image when `backbone` is None)."""
-    masks: list[np.ndarray] = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        if backbone is None:
-            masks += [np.ones(image.shape[:2], dtype=bool) for image in batch]
-            continue
-        mined = mine_images(
-            backbone,
-            batch,
-            short_side=config.mining.short_side,
-            top_k=config.mining.top_k,
-            cls_heads=config.mining.cls_heads,
-            seed_component=config.mining.seed_component,
-            device=device,
-        )
-        masks += [m.mask for m in mined]
+    if backbone is None:
+        masks = [np.ones(image.shape[:2], dtype=bool) for image in images]
+    else:
+        mined = mine_all(backbone, images, config, device=device, batch_size=batch_size)
+        masks = [m.mask for m in mined]
     return np.array([best_match_iou(m, o) for m, o in zip(masks, objects, strict=True)])
 
 

@@ -29,13 +29,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from mined_iou import mine_all  # a sibling script: run this file as a script, as documented
 
 from maskdistill.backbones import ViTBackbone, save_backbone
-from maskdistill.config import load_config
+from maskdistill.config import ExperimentConfig, load_config
 from maskdistill.data import build_dataset
 from maskdistill.engine import batch_indices
 from maskdistill.masks import best_match_iou
-from maskdistill.mining import MinedMask, mine_images
+from maskdistill.mining import MinedMask
 from maskdistill.pretrain import (
     DINO,
     MultiCrop,
@@ -57,23 +58,15 @@ def mined_scores(
     backbone: ViTBackbone,
     images: Sequence[np.ndarray],
     objects: Sequence[np.ndarray],
+    config: ExperimentConfig,
     *,
-    short_side: int,
-    top_k: float,
     device: torch.device,
 ) -> tuple[float, float, float]:
     """(mean IoU, share with IoU >= 0.5, share with the seed on an object) over the images."""
-    ious, seeds = [], []
-    for start in range(0, len(images), 32):
-        batch = images[start : start + 32]
-        for mined, truth in zip(
-            mine_images(backbone, batch, short_side=short_side, top_k=top_k, device=device),
-            objects[start : start + 32],
-            strict=True,
-        ):
-            ious.append(best_match_iou(mined.mask, truth))
-            seeds.append(seed_on_object(mined, truth))
-    return float(np.mean(ious)), float(np.mean(np.array(ious) >= 0.5)), float(np.mean(seeds))
+    mined = mine_all(backbone, images, config, device=device, batch_size=32)
+    ious = np.array([best_match_iou(m.mask, o) for m, o in zip(mined, objects, strict=True)])
+    seeds = [seed_on_object(m, o) for m, o in zip(mined, objects, strict=True)]
+    return float(ious.mean()), float(np.mean(ious >= 0.5)), float(np.mean(seeds))
 
 
 @torch.no_grad()
@@ -113,12 +106,10 @@ def main() -> None:
     dino = build_dino(arch=config.backbone.arch, config=pre, seed=config.seed).to(device)
     optimizer, scheduler = build_optimizer(dino, schedules, clip_grad=pre.clip_grad)
     crops = MultiCrop.from_config(pre)
-    mining = {"short_side": config.mining.short_side, "top_k": config.mining.top_k}
 
     def scores() -> tuple[float, float, float]:
-        return mined_scores(
-            teacher_backbone(dino).to(device), val_images, objects, device=device, **mining
-        )
+        backbone = teacher_backbone(dino).to(device)
+        return mined_scores(backbone, val_images, objects, config, device=device)
 
     print(
         f"{config.backbone.arch} on {len(images)} train images, batch {pre.batch_size}, "
@@ -131,7 +122,8 @@ def main() -> None:
     )
     print(f"{0:>9} {'':>7} {'':>8} " + "{:>10.3f} {:>9.3f} {:>12.3f}".format(*scores()))
     start, losses = time.perf_counter(), []
-    for iteration in range(min(args.iters, schedules.iterations)):
+    total = min(args.iters, schedules.iterations)
+    for iteration in range(total):
         indices = batch_indices(
             iteration,
             rank=0,
@@ -152,7 +144,7 @@ def main() -> None:
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
-        if (iteration + 1) % args.every == 0 or iteration + 1 == args.iters:
+        if (iteration + 1) % args.every == 0 or iteration + 1 == total:
             entropy = teacher_entropy(dino, views, temperature)
             print(
                 f"{iteration + 1:>9} {np.mean(losses[-args.every :]):>7.3f} {entropy:>8.3f} "
