@@ -101,7 +101,7 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
     """Run the TorchTrainer, then export the teacher backbone and draw its attention."""
     pre = config.pretrain
     run = RunDir(config.run_dir)
-    metrics = fit_stage(train_loop_per_worker, config, STAGE, pre, hooks)
+    losses = fit_stage(train_loop_per_worker, config, STAGE, pre, hooks)
     state = latest_state(run, STAGE)
     dino = build_dino(arch=config.backbone.arch, config=pre)
     dino.load_state_dict(state["model"])
@@ -114,7 +114,7 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
         run.write_bytes(png_bytes(picture), STAGE, "attention.png")
     manifest.inputs = len(dataset_of(config.data, config.data.train_split).image_ids())
     manifest.outputs = int(state["iteration"])
-    manifest.metrics.update({k: float(v) for k, v in metrics.items() if k != "iteration"})
+    manifest.metrics.update(losses)
 
 
 def run_stage(

@@ -120,11 +120,11 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
     """Run the TorchTrainer; export the final weights to `detector/model.pt`."""
     det = config.detector
     run = RunDir(config.run_dir)
-    metrics = fit_stage(train_loop_per_worker, config, STAGE, det, hooks)
+    losses = fit_stage(train_loop_per_worker, config, STAGE, det, hooks)
     export_weights(run, STAGE, num_classes=num_classes(run), arch=det.arch)
     manifest.inputs = len(cluster.read_labeled(run, config))
     manifest.outputs = det.max_iters
-    manifest.metrics.update({k: float(v) for k, v in metrics.items() if k != "iteration"})
+    manifest.metrics.update(losses)
 
 
 def load_detector(config: ExperimentConfig, device: torch.device | str = "cpu") -> torch.nn.Module:

@@ -107,11 +107,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] = ()) -> None:
     """Run the TorchTrainer; export the final weights to `segmenter/model.pt`."""
     run = RunDir(config.run_dir)
-    metrics = fit_stage(train_loop_per_worker, config, STAGE, config.segmenter, hooks)
+    losses = fit_stage(train_loop_per_worker, config, STAGE, config.segmenter, hooks)
     state = export_weights(run, STAGE, num_classes=train_detector.num_classes(run))
     manifest.inputs = len(training_rows(config, run))
     manifest.outputs = int(state["iteration"])
-    manifest.metrics.update({k: float(v) for k, v in metrics.items() if k != "iteration"})
+    manifest.metrics.update(losses)
 
 
 def load_segmenter(config: ExperimentConfig, device: torch.device | str = "cpu") -> Segmenter:

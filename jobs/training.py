@@ -55,9 +55,10 @@ def fit_stage(
     stage: str,
     section: TrainingSection,
     hooks: Sequence[Any] = (),
-) -> dict[str, Any]:
-    """`fit_workers` for one stage: its section's workers, its run-directory folder."""
-    return fit_workers(
+) -> dict[str, float]:
+    """`fit_workers` for one stage (its section's workers, its run-directory folder); returns
+    rank 0's last losses, as floats."""
+    metrics = fit_workers(
         loop,
         {"config": config, "hooks": list(hooks)},
         name=stage,
@@ -67,6 +68,7 @@ def fit_stage(
         cpus_per_worker=section.cpus_per_worker,
         max_failures=section.max_failures,
     )
+    return {name: float(value) for name, value in metrics.items() if name != "iteration"}
 
 
 @dataclass(frozen=True)
