@@ -84,10 +84,19 @@ def _wait_for_job(env: dict[str, str], job_id: str, *, timeout: float) -> tuple[
         if job["status"] in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() > deadline:
             break
         time.sleep(2)
-    _, logs = _request(env, f"/api/jobs/{job_id}/logs", _token(env))
     if job["status"] not in ("SUCCEEDED", "FAILED", "STOPPED"):
         _request(env, f"/api/jobs/{job_id}/stop", _token(env), method="POST")
-    return job, logs["logs"] if isinstance(logs, dict) else ""
+    return job, _job_logs(env, job_id)
+
+
+def _job_logs(env: dict[str, str], job_id: str, *, attempts: int = 15) -> str:
+    """The driver's logs; the job agent can answer empty for a moment after the job ends."""
+    for _ in range(attempts):
+        _, logs = _request(env, f"/api/jobs/{job_id}/logs", _token(env))
+        if isinstance(logs, dict) and logs.get("logs"):
+            return str(logs["logs"])
+        time.sleep(2)
+    return ""
 
 
 def test_the_job_server_wants_the_token(cluster: dict[str, str]) -> None:
