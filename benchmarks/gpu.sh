@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of the closing notes in one run (one H100, about 6 minutes, no Ray needed):
+# Every GPU figure of the closing notes in one run (one H100, about 9 minutes, no Ray needed):
 #     bash benchmarks/gpu.sh OUT_DIR
 # Each benchmark's docstring holds its anchor. Python packages the machine lacks (pydantic,
 # pycocotools, faiss) must be importable first.
@@ -23,3 +23,10 @@ bench detector_fp32 120 $det
 bench detector_bf16 120 $det --bf16
 bench mine_bf16 150 benchmarks/mine.py --device cuda --bf16 --images 1024 --batch-size 64 \
     --size 480 640 --short-side 640 --decode-threads 16
+# DINO on the GPU (issue 7): s/iteration of ViT-S/8 at batch 256 and where the seed lands
+bench pretrain_vits8 300 benchmarks/pretrain_curve.py --device cuda --threads 4 --iters 256 \
+    --every 128 --set data.synthetic.train_images=8192 --set data.synthetic.val_images=256 \
+    --set backbone.arch=vit_small_patch8_224 --set pretrain.batch_size=256 \
+    --set pretrain.epochs=32 --set pretrain.warmup_epochs=4 --set pretrain.lr=0.0005 \
+    --set pretrain.out_dim=65536 --set pretrain.hidden_dim=2048 --set pretrain.bottleneck_dim=256 \
+    --set pretrain.precision=bf16

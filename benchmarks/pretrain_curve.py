@@ -1,12 +1,15 @@
 """DINO learning curve (issue 7): how the teacher's mined masks change while it trains.
 
     python benchmarks/pretrain_curve.py --config configs/demo.yaml --iters 1000 --every 250 \\
-        --set backbone.arch=test_vit [--set pretrain.lr=0.008 ...] [--device cuda] [--save F]
+        --set backbone.arch=test_vit [--set pretrain.lr=0.008 ...] [--device cuda] [--seconds S] \\
+        [--save F] [--picture F.png]
 
 Trains as the pretrain stage does (`build_dino`, DINO's schedules over `pretrain.epochs`, the
 optimizer hooks, `multi_crop_batch`, batches by `engine.batch_indices`) in one process without
-Ray, checkpoints or resume, and stops after --iters iterations. Every --every iterations it
-mines the val split with the teacher as the mine stage would (`mining` settings) and prints:
+Ray, checkpoints or resume, and stops after --iters iterations or --seconds of wall time (the
+schedules still span `pretrain.epochs`). The views are rendered on --device. Every --every
+iterations it mines the val split with the teacher as the mine stage would (`mining` settings)
+and prints:
 
   loss          mean DINO loss over the last --every iterations
   entropy       mean entropy of the teacher's centred, sharpened output on the last batch, in
@@ -17,7 +20,8 @@ mines the val split with the teacher as the mine stage would (`mining` settings)
   seconds       wall time since the start
 
 Row 0 is the untrained network (timm's initialisation under `seed`). --save writes the last
-teacher backbone (DINO's release format, as the stage exports it).
+teacher backbone (DINO's release format, as the stage exports it), --picture the last teacher's
+CLS attention on the first `pretrain.attention_images` val images (`attention_picture`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from mined_iou import mine_all  # a sibling script: run this file as a script, as documented
+from PIL import Image
 
 from maskdistill.backbones import ViTBackbone, save_backbone
 from maskdistill.config import ExperimentConfig, load_config
@@ -40,6 +45,7 @@ from maskdistill.mining import MinedMask
 from maskdistill.pretrain import (
     DINO,
     MultiCrop,
+    attention_picture,
     build_dino,
     build_optimizer,
     dino_schedules,
@@ -87,7 +93,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=250, help="evaluate every this many")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--seconds", type=float, default=0, help="stop after this (0: never)")
     parser.add_argument("--save", help="write the last teacher backbone here")
+    parser.add_argument("--picture", help="write the last teacher's attention picture here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,9 +141,13 @@ def main() -> None:
             seed=config.seed,
         )
         views = multi_crop_batch(
-            [images[i] for i in indices], crops, indices=indices, iteration=iteration, seed=0
+            [images[i] for i in indices],
+            crops,
+            indices=indices,
+            iteration=iteration,
+            seed=0,
+            device=device,
         )
-        views = [view.to(device) for view in views]
         temperature = schedules.at("teacher_temp", iteration)
         with torch.autocast(device.type, torch.bfloat16, enabled=pre.precision == "bf16"):
             loss = dino(views, temperature)
@@ -144,7 +156,8 @@ def main() -> None:
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
-        if (iteration + 1) % args.every == 0 or iteration + 1 == total:
+        out_of_time = 0 < args.seconds < time.perf_counter() - start
+        if (iteration + 1) % args.every == 0 or iteration + 1 == total or out_of_time:
             entropy = teacher_entropy(dino, views, temperature)
             print(
                 f"{iteration + 1:>9} {np.mean(losses[-args.every :]):>7.3f} {entropy:>8.3f} "
@@ -152,8 +165,15 @@ def main() -> None:
                 + f" {time.perf_counter() - start:>8.1f}",
                 flush=True,
             )
+        if out_of_time:
+            break
     if args.save:
         save_backbone(teacher_backbone(dino), args.save)
+    if args.picture:
+        picture = attention_picture(
+            teacher_backbone(dino).to(device), val_images[: pre.attention_images]
+        )
+        Image.fromarray(picture).save(args.picture)
 
 
 if __name__ == "__main__":

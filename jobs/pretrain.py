@@ -28,13 +28,14 @@ from maskdistill.config import ExperimentConfig
 from maskdistill.pretrain import (
     DINOSchedules,
     MultiCrop,
+    ViewDraws,
     attention_picture,
     build_dino,
     build_optimizer,
     dino_losses,
     dino_schedules,
+    draw_views,
     export_teacher,
-    multi_crop_batch,
     teacher_backbone,
 )
 from maskdistill.rundir import RunDir, StageManifest, execute
@@ -76,13 +77,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer, scheduler = build_optimizer(dino, schedules, clip_grad=pre.clip_grad)
     crops = MultiCrop.from_config(pre)
 
-    def batch_at(iteration: int) -> tuple[int, list[torch.Tensor]]:
+    def batch_at(iteration: int) -> tuple[int, ViewDraws | list[torch.Tensor]]:
         indices = worker.indices(iteration, global_batch=pre.batch_size, num_samples=len(image_ids))
         images = [dataset.load(image_ids[i]).image for i in indices]
-        views = multi_crop_batch(
-            images, crops, indices=indices, iteration=iteration, seed=config.seed
-        )
-        return iteration, views
+        draws = draw_views(images, crops, indices=indices, iteration=iteration, seed=config.seed)
+        if device.type == "cpu":  # render here, in the loader threads, beside the training step
+            return iteration, draws.render()
+        return iteration, draws  # the step renders them on its GPU, in milliseconds
 
     worker.train(
         STAGE,

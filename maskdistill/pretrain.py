@@ -7,7 +7,8 @@ plain process or in a Ray Train worker.
 
 One iteration (what `engine.train` does with the pieces built here):
 
-1. `multi_crop_batch`: 2 global and N local views of every image, DINO's augmentations.
+1. `multi_crop_batch`: 2 global and N local views of every image, DINO's augmentations; the
+   random choices drawn on the host (`draw_views`), the views rendered on any device.
 2. `DINO.forward` (through `dino_losses`): the student sees every view, the teacher the two
    global ones; the loss is the cross-entropy between the centred, sharpened teacher and the
    student over every pair of different views; the centre moves towards the teacher's batch
@@ -120,6 +121,52 @@ class _ViewDraw:
     solarize: bool
 
 
+@dataclass(frozen=True)
+class ViewDraws:
+    """A batch's views as drawn on the host, not yet rendered: what a loader thread makes."""
+
+    pixels: np.ndarray  # uint8 [B, H, W, 3], each image at the top left, zero padded
+    draws: tuple[tuple[_ViewDraw, ...], ...]  # per view, per image
+    sizes: tuple[int, ...]  # per view
+
+    def render(self, device: torch.device | str = "cpu") -> list[Tensor]:
+        """The views [B, 3, S, S] on `device` (a GPU renders in milliseconds what takes a CPU
+        core about a second per 256 images)."""
+        pixels = torch.from_numpy(self.pixels).to(device).permute(0, 3, 1, 2).contiguous()
+        pixels = pixels.float() / 255
+        views = zip(self.draws, self.sizes, strict=True)
+        return [_render(pixels, draws, size) for draws, size in views]
+
+
+def draw_views(
+    images: Sequence[np.ndarray],
+    crops: MultiCrop,
+    *,
+    indices: Sequence[int],
+    iteration: int,
+    seed: int,
+) -> ViewDraws:
+    """Every random choice of a batch's views, view by view ([global 0, global 1, local 0, ...]).
+
+    The choices for image `indices[i]` come from (seed, iteration, index) alone, so a resumed
+    run sees the same views and loader threads need no shared state.
+    """
+    if len(images) != len(indices) or not images:
+        raise ValueError(f"{len(images)} images for {len(indices)} indices; need as many, >= 1")
+    rngs = [np.random.default_rng((seed, iteration, index)) for index in indices]
+    height = max(image.shape[0] for image in images)
+    width = max(image.shape[1] for image in images)
+    pixels = np.zeros((len(images), height, width, 3), dtype=np.uint8)
+    for row, image in enumerate(images):
+        pixels[row, : image.shape[0], : image.shape[1]] = image
+    specs = crops.view_specs()
+    draws = tuple(
+        tuple(_draw(rng, image.shape[:2], spec) for rng, image in zip(rngs, images, strict=True))
+        for spec in specs
+    )
+    return ViewDraws(pixels, draws, tuple(spec.size for spec in specs))
+
+
 def multi_crop_batch(
     images: Sequence[np.ndarray],
     crops: MultiCrop,
@@ -127,26 +174,12 @@ def multi_crop_batch(
     indices: Sequence[int],
     iteration: int,
     seed: int,
+    device: torch.device | str = "cpu",
 ) -> list[Tensor]:
-    """The views of a batch, view by view ([global 0, global 1, local 0, ...], each [B, 3, S, S]).
-
-    The random choices for image `indices[i]` come from (seed, iteration, index) alone, so a
-    resumed run sees the same views and loader threads need no shared state.
-    """
-    if len(images) != len(indices) or not images:
-        raise ValueError(f"{len(images)} images for {len(indices)} indices; need as many, >= 1")
-    rngs = [np.random.default_rng((seed, iteration, index)) for index in indices]
-    height = max(image.shape[0] for image in images)
-    width = max(image.shape[1] for image in images)
-    pixels = torch.zeros(len(images), 3, height, width)
-    for row, image in enumerate(images):
-        array = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        pixels[row, :, : image.shape[0], : image.shape[1]] = array.float() / 255
-    views = []
-    for spec in crops.view_specs():
-        draws = [_draw(rng, image.shape[:2], spec) for rng, image in zip(rngs, images, strict=True)]
-        views.append(_render(pixels, draws, spec.size))
-    return views
+    """The views of a batch ([global 0, global 1, local 0, ...], each [B, 3, S, S]) on `device`:
+    `draw_views`, then `ViewDraws.render`."""
+    draws = draw_views(images, crops, indices=indices, iteration=iteration, seed=seed)
+    return draws.render(device)
 
 
 def _draw(rng: np.random.Generator, shape: tuple[int, ...], spec: _ViewSpec) -> _ViewDraw:
@@ -190,24 +223,28 @@ def _crop_box(
 
 def _render(pixels: Tensor, draws: Sequence[_ViewDraw], size: int) -> Tensor:
     """Normalised views [B, 3, size, size] of images [B, 3, H, W] in [0, 1], as drawn."""
-    boxes = torch.tensor([[row, *draw.box] for row, draw in enumerate(draws)], dtype=torch.float32)
+    device = pixels.device
+    boxes = torch.tensor(
+        [[row, *draw.box] for row, draw in enumerate(draws)], dtype=torch.float32, device=device
+    )
     views = roi_align(pixels, boxes, output_size=size, aligned=True)
-    flip = torch.tensor([d.flip for d in draws])
+    flip = torch.tensor([d.flip for d in draws], device=device)
     views = torch.where(flip.view(-1, 1, 1, 1), views.flip(-1), views)
-    views = _colour_jitter(views, torch.tensor([d.jitter for d in draws]), [d.order for d in draws])
-    gray = torch.tensor([d.gray for d in draws]).view(-1, 1, 1, 1)
+    jitter = torch.tensor([d.jitter for d in draws], device=device)
+    views = _colour_jitter(views, jitter, [d.order for d in draws])
+    gray = torch.tensor([d.gray for d in draws], device=device).view(-1, 1, 1, 1)
     views = torch.where(gray, _grayscale(views).expand_as(views), views)
     views = _gaussian_blur(views, [d.sigma for d in draws])
-    solarize = torch.tensor([d.solarize for d in draws]).view(-1, 1, 1, 1)
+    solarize = torch.tensor([d.solarize for d in draws], device=device).view(-1, 1, 1, 1)
     views = torch.where(solarize & (views >= 0.5), 1 - views, views)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     return (views - mean) / std
 
 
 def _grayscale(views: Tensor) -> Tensor:
     """ITU-R 601 luma [B, 1, H, W], as torchvision computes it."""
-    weights = torch.tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)
+    weights = torch.tensor([0.2989, 0.587, 0.114], device=views.device).view(1, 3, 1, 1)
     return (views * weights).sum(1, keepdim=True)
 
 
@@ -217,7 +254,7 @@ def _colour_jitter(views: Tensor, jitter: Tensor, orders: Sequence[tuple[int, ..
     order = torch.tensor(orders)
     for slot in range(order.shape[1]):
         for change in range(4):
-            rows = (order[:, slot] == change).nonzero().flatten()
+            rows = (order[:, slot] == change).nonzero().flatten().to(views.device)
             if len(rows):
                 views[rows] = _JITTER[change](views[rows], jitter[rows, change].view(-1, 1, 1, 1))
     return views
@@ -238,12 +275,12 @@ def _saturation(x: Tensor, factor: Tensor) -> Tensor:
 
 def _hue(x: Tensor, turn: Tensor) -> Tensor:
     """Rotate the chroma (I, Q) of YIQ by `turn` full turns; luma stays."""
-    yiq = torch.einsum("ij,bjhw->bihw", _RGB_TO_YIQ, x)
+    yiq = torch.einsum("ij,bjhw->bihw", _RGB_TO_YIQ.to(x.device), x)
     angle = 2 * math.pi * turn.view(-1)
     cos, sin = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
     i, q = yiq[:, 1], yiq[:, 2]
     rotated = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], 1)
-    return torch.einsum("ij,bjhw->bihw", _YIQ_TO_RGB, rotated).clamp(0, 1)
+    return torch.einsum("ij,bjhw->bihw", _YIQ_TO_RGB.to(x.device), rotated).clamp(0, 1)
 
 
 _RGB_TO_YIQ = torch.tensor(
@@ -264,8 +301,8 @@ def _gaussian_blur(views: Tensor, sigmas: Sequence[float]) -> Tensor:
         return views
     batch, channels, height, width = views.shape
     radius = min(math.ceil(3 * max(sigmas)), min(height, width) - 1)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    sigma = torch.tensor(sigmas, dtype=torch.float32).view(-1, 1)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=views.device)
+    sigma = torch.tensor(sigmas, dtype=torch.float32, device=views.device).view(-1, 1)
     kernel = torch.where(
         sigma > 0, torch.exp(-0.5 * (offsets / sigma.clamp_min(1e-6)) ** 2), (offsets == 0).float()
     )
@@ -567,10 +604,13 @@ def clip_gradients(parameters: Any, max_norm: float) -> None:
 def dino_losses(
     schedules: DINOSchedules, device: torch.device
 ) -> Callable[[nn.Module, Any], Mapping[str, Tensor]]:
-    """`engine.TrainSpec.losses` for batches (iteration, views) made by `multi_crop_batch`."""
+    """`engine.TrainSpec.losses` for batches (iteration, views): views rendered by
+    `multi_crop_batch`, or `ViewDraws` to render on `device`."""
 
     def losses(model: nn.Module, batch: Any) -> Mapping[str, Tensor]:
         iteration, views = batch
+        if isinstance(views, ViewDraws):
+            views = views.render(device)
         views = [view.to(device, non_blocking=True) for view in views]
         return {"loss_dino": model(views, schedules.at("teacher_temp", iteration))}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from maskdistill.pretrain import (
     dino_loss,
     dino_losses,
     dino_schedules,
+    draw_views,
     export_teacher,
     multi_crop_batch,
     teacher_backbone,
@@ -199,6 +201,23 @@ def test_multi_crop_views_are_shaped_normalised_and_reproducible() -> None:
     assert all(torch.allclose(a[1], b[0], atol=1e-5) for a, b in zip(views, alone, strict=True))
     later = multi_crop_batch(images, crops, indices=[5, 6, 7], iteration=3, seed=0)
     assert not torch.equal(views[0], later[0])
+
+
+def test_drawn_views_pad_mixed_sizes_and_render_where_the_loss_runs() -> None:
+    images = _scenes(2)
+    small = images[1][:40, :50]
+    crops = MultiCrop.from_config(TINY)
+    draws = draw_views([images[0], small], crops, indices=[0, 1], iteration=1, seed=0)
+    assert draws.pixels.shape == (2, 48, 64, 3) and draws.sizes == (32, 32, 16, 16)
+    assert np.array_equal(draws.pixels[1, :40, :50], small) and not draws.pixels[1, 40:].any()
+    assert all(d.box[2] <= 50 and d.box[3] <= 40 for view in draws.draws for d in view[1:])
+    # the stage hands a GPU step the draws; the loss renders them and scores as rendered views
+    schedules = dino_schedules(TINY, iters_per_epoch=2)
+    losses = dino_losses(schedules, torch.device("cpu"))
+    dino = _dino()
+    from_draws = losses(copy.deepcopy(dino), (1, draws))["loss_dino"]
+    from_views = losses(copy.deepcopy(dino), (1, draws.render()))["loss_dino"]
+    torch.testing.assert_close(from_draws, from_views)
 
 
 def test_grayscale_probability_one_gives_gray_views() -> None:
