@@ -167,12 +167,11 @@ def main() -> None:
             )
         if out_of_time:
             break
+    teacher = teacher_backbone(dino)
     if args.save:
-        save_backbone(teacher_backbone(dino), args.save)
+        save_backbone(teacher, args.save)
     if args.picture:
-        picture = attention_picture(
-            teacher_backbone(dino).to(device), val_images[: pre.attention_images]
-        )
+        picture = attention_picture(teacher.to(device), val_images[: pre.attention_images])
         Image.fromarray(picture).save(args.picture)
 
 

@@ -115,10 +115,14 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"expected uint8 images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}"
         )
-    x = images.permute(0, 3, 1, 2).float().div(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return imagenet_normalize(images.permute(0, 3, 1, 2).float().div(255))
+
+
+def imagenet_normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """float RGB [B, 3, H, W] in [0, 1] -> ImageNet-normalised, on the pixels' device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std
 
 
 def backbone_weights(config: ExperimentConfig) -> str:

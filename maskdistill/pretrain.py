@@ -38,10 +38,9 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from maskdistill.backbones import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ViTBackbone,
     build_backbone,
+    imagenet_normalize,
     save_backbone,
     to_model_input,
 )
@@ -132,8 +131,7 @@ class ViewDraws:
     def render(self, device: torch.device | str = "cpu") -> list[Tensor]:
         """The views [B, 3, S, S] on `device` (a GPU renders in milliseconds what takes a CPU
         core about a second per 256 images)."""
-        pixels = torch.from_numpy(self.pixels).to(device).permute(0, 3, 1, 2).contiguous()
-        pixels = pixels.float() / 255
+        pixels = torch.from_numpy(self.pixels).to(device).permute(0, 3, 1, 2).float().div(255)
         views = zip(self.draws, self.sizes, strict=True)
         return [_render(pixels, draws, size) for draws, size in views]
 
@@ -236,10 +234,7 @@ def _render(pixels: Tensor, draws: Sequence[_ViewDraw], size: int) -> Tensor:
     views = torch.where(gray, _grayscale(views).expand_as(views), views)
     views = _gaussian_blur(views, [d.sigma for d in draws])
     solarize = torch.tensor([d.solarize for d in draws], device=device).view(-1, 1, 1, 1)
-    views = torch.where(solarize & (views >= 0.5), 1 - views, views)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return (views - mean) / std
+    return imagenet_normalize(torch.where(solarize & (views >= 0.5), 1 - views, views))
 
 
 def _grayscale(views: Tensor) -> Tensor:
