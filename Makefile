@@ -11,7 +11,7 @@ export RAY_AUTH_MODE ?= token
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,dev,cluster,crf]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,dev,cluster,crf,track]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)

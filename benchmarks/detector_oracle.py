@@ -13,24 +13,27 @@ cap recall; a detector that generalises finds the other objects too.
 from __future__ import annotations
 
 import argparse
-import io
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from jobs import distill, train_detector
-from jobs.cluster import LABELED_SCHEMA, table_path
 from jobs.common import connect
-from jobs.mine import split_folder
 from maskdistill.config import load_config
 from maskdistill.data import build_dataset
 from maskdistill.masks import encode_rle, mask_to_box
+from maskdistill.outputs import (
+    LABELED_SCHEMA,
+    MASK_SCHEMA,
+    labeled_path,
+    mined_folder,
+    write_table,
+)
 from maskdistill.rundir import RunDir, StageManifest, write_manifest
-from maskdistill.shards import MASK_SCHEMA, write_shard
+from maskdistill.shards import write_shard
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -71,12 +74,9 @@ def main() -> None:
     run.write_config(config)
     for split in (config.data.train_split, config.data.val_split):
         rows = oracle_rows(config, split)
-        write_shard(
-            run, split_folder(split), 0, [{k: r[k] for k in MASK_SCHEMA.names} for r in rows], []
-        )
-        sink = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=LABELED_SCHEMA), sink)
-        run.write_bytes(sink.getvalue(), *table_path(config, split))
+        masks = [{k: r[k] for k in MASK_SCHEMA.names} for r in rows]
+        write_shard(run, mined_folder(split), 0, masks, [], MASK_SCHEMA)
+        write_table(run, pa.Table.from_pylist(rows, schema=LABELED_SCHEMA), *labeled_path(split))
     classes = config.data.synthetic.num_classes
     write_manifest(run, StageManifest("cluster", "oracle", metrics={"clusters": classes}))
     connect()

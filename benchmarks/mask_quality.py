@@ -13,14 +13,12 @@ import argparse
 
 import numpy as np
 
-from jobs.distill import read_pseudo
-from jobs.evaluate import candidate_instances, mined_instances
-from jobs.mine import split_folder
 from maskdistill.data import build_dataset
+from maskdistill.evaluate import candidate_instances, mined_instances
 from maskdistill.evaluation import InstanceSet, mask_ap
+from maskdistill.outputs import read_mined, read_pseudo
 from maskdistill.pseudolabels import confident_masks
 from maskdistill.rundir import RunDir
-from maskdistill.shards import read_parts
 
 
 def main() -> None:
@@ -32,7 +30,7 @@ def main() -> None:
     config = run.read_config()
     dataset = build_dataset(config.data, args.split)
     truth, mined, candidates, confident = [], [], [], []
-    for row in read_parts(run, split_folder(args.split)).to_pylist():
+    for row in read_mined(run, args.split).to_pylist():
         sample = dataset.load(row["image_id"])
         assert sample.instance_masks is not None and sample.instance_classes is not None
         ones = np.ones(len(sample.instance_masks))

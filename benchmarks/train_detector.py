@@ -15,14 +15,12 @@ mined masks; the first quarter of the iterations is warm-up and not timed.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import tempfile
 import time
 from collections.abc import Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from maskdistill.config import ExperimentConfig, load_config
@@ -30,6 +28,7 @@ from maskdistill.data.synthetic import SyntheticScenes
 from maskdistill.detector import MaskTargets, build_detector, collate, detector_losses
 from maskdistill.engine import trainable
 from maskdistill.masks import encode_rle, mask_to_box
+from maskdistill.outputs import labeled_path, write_table
 from maskdistill.rundir import RunDir, StageManifest, write_manifest
 
 
@@ -126,9 +125,7 @@ def ray_rate(args: argparse.Namespace, rows: list[dict[str, object]], classes: i
     with tempfile.TemporaryDirectory() as run_dir:
         config = ray_config(args, run_dir)
         run = RunDir(run_dir)
-        sink = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows), sink)
-        run.write_bytes(sink.getvalue(), "cluster", "train.parquet")
+        write_table(run, pa.Table.from_pylist(rows), *labeled_path("train"))
         write_manifest(run, StageManifest("cluster", "bench", metrics={"clusters": classes - 1}))
         ray.init(include_dashboard=False, log_to_driver=False)
         train_detector.run_stage(config)
@@ -150,9 +147,9 @@ def ray_config(args: argparse.Namespace, run_dir: str) -> ExperimentConfig:
         "detector.batch_size": args.batch,
         "detector.max_iters": args.iters + warmup + 1,
         "detector.checkpoint_every": 10_000,
-        "detector.use_gpu": str(args.device.startswith("cuda")).lower(),
+        "detector.resources.use_gpu": str(args.device.startswith("cuda")).lower(),
         "detector.precision": "bf16" if args.bf16 else "fp32",
-        "detector.cpus_per_worker": 1 if args.device.startswith("cuda") else 2,
+        "detector.resources.cpus_per_worker": 1 if args.device.startswith("cuda") else 2,
         "detector.schedule": "{base_lr: 0.001, warmup_iters: 0, milestones: []}",
     }
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])

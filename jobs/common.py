@@ -8,8 +8,7 @@ from collections.abc import Callable, Sequence
 
 import ray
 
-from maskdistill.cli import add_config_args
-from maskdistill.config import ConfigError, ExperimentConfig, load_config
+from maskdistill.config import ConfigError, ExperimentConfig, add_config_args, load_config
 from maskdistill.rundir import RunDir
 
 

@@ -1,8 +1,8 @@
 """Stage `distill` (Sec 3.3): the trained Mask R-CNN labels every image; confident masks only.
 
-    python -m jobs.distill --config configs/pascal.yaml --set pseudo_labels.concurrency=8
+    python -m jobs.distill --config configs/pascal.yaml --set pseudo_labels.resources.concurrency=8
 
-Ray Data runs the detector in an actor pool (`pseudo_labels.num_gpus` each, bf16 on GPU) over
+Ray Data runs the detector in an actor pool (`pseudo_labels.resources`, bf16 on GPU) over
 the train and val images. Each image keeps its candidates with score > `pseudo_labels.tau`, or
 its single most confident one when none passes (Sec 4.1), merged into a semantic map where the
 most confident mask wins. Parts `run_dir/distill/<split>/part-NNNNN.parquet` hold, per image, the
@@ -16,52 +16,33 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from jobs import train_detector
 from jobs.common import stage_main
-from jobs.mine import splits
 from jobs.sharded import ShardedMap, objects, run_sharded
 from maskdistill.config import ExperimentConfig
 from maskdistill.detector import predict
+from maskdistill.inference import load_detector
 from maskdistill.masks import encode_rle
+from maskdistill.outputs import PSEUDO_SCHEMA, mined_splits, pseudo_folder
 from maskdistill.pseudolabels import encode_label_map, pseudo_label
 from maskdistill.rundir import RunDir, StageManifest, execute
-from maskdistill.shards import read_parts, split_folder
+from maskdistill.stages import DISTILL, fingerprint
 
-STAGE = "distill"
-PSEUDO_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("label_png", pa.binary()),  # 0 background, 1 + cluster elsewhere
-        ("kept", pa.int32()),
-        ("best_score", pa.float32()),
-        ("candidate_rle", pa.list_(pa.string())),
-        ("candidate_bbox", pa.list_(pa.list_(pa.float32(), 4))),
-        ("candidate_score", pa.list_(pa.float32())),
-        ("candidate_class", pa.list_(pa.int32())),  # 0-based cluster ids
-    ]
-)
-
-
-def config_hash(config: ExperimentConfig) -> str:
-    return config.section_hash("pseudo_labels") + train_detector.config_hash(config)
+STAGE = DISTILL
 
 
 class Distiller:
     """GPU actor: the detector stays loaded; each batch gives candidates and pseudo labels."""
 
     def __init__(self, config: ExperimentConfig) -> None:
-        labels = config.pseudo_labels
-        torch.set_num_threads(math.ceil(labels.num_cpus))
-        use_gpu = labels.num_gpus > 0 and torch.cuda.is_available()
+        res = config.pseudo_labels.resources
+        torch.set_num_threads(math.ceil(res.num_cpus))
+        use_gpu = res.num_gpus > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.bf16 = use_gpu and config.detector.precision == "bf16"
-        self.model = train_detector.load_detector(config, self.device)
-        self.labels = labels
+        self.model = load_detector(config.run_dir, device=self.device, config=config)
+        self.labels = config.pseudo_labels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         readable = [i for i, reason in enumerate(batch["reason"]) if not reason]
@@ -106,28 +87,19 @@ def _pseudo_row(image_id: str, out: dict[str, Any]) -> dict[str, object]:
     return {"image_id": image_id, **out["result"]}
 
 
-def read_pseudo(run: RunDir, split: str, columns: Sequence[str] | None = None) -> pa.Table:
-    """A split's pseudo-label rows (only `columns` if given)."""
-    return read_parts(run, split_folder(STAGE, split), PSEUDO_SCHEMA, columns)
-
-
 def distill_split(
     config: ExperimentConfig, run: RunDir, split: str, manifest: StageManifest
 ) -> None:
-    labels = config.pseudo_labels
     spec = ShardedMap(
         data=config.data,
         split=split,
-        folder=split_folder(STAGE, split),
-        shard_size=labels.shard_size,
+        folder=pseudo_folder(split),
+        shard_size=config.pseudo_labels.shard_size,
         actor=Distiller,
         to_row=_pseudo_row,
-        actor_kwargs={"config": config},
-        batch_size=labels.batch_size,
-        concurrency=labels.concurrency,
-        num_cpus=labels.num_cpus,
-        num_gpus=labels.num_gpus,
+        resources=config.pseudo_labels.resources,
         schema=PSEUDO_SCHEMA,
+        actor_kwargs={"config": config},
         desc=STAGE,
     )
     run_sharded(run, spec, manifest)
@@ -137,11 +109,11 @@ def run_stage(config: ExperimentConfig, *, force: bool = False) -> StageManifest
     """Pseudo labels for the train and val images; None when already complete."""
 
     def distill_all(manifest: StageManifest) -> None:
-        for split in splits(config):
+        for split in mined_splits(config):
             distill_split(config, run, split, manifest)
 
     run = RunDir(config.run_dir)
-    return execute(run, STAGE, config_hash(config), distill_all, force=force)
+    return execute(run, fingerprint(config, STAGE), distill_all, force=force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

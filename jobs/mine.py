@@ -1,11 +1,11 @@
 """Stage `mine` (Sec 3.2) as a Ray Data job: one object mask and feature per image.
 
-    python -m jobs.mine --config configs/pascal.yaml [--set mining.concurrency=8] [--preview 16]
+    python -m jobs.mine --config configs/pascal.yaml [--set mining.resources.concurrency=8]
 
 Image ids are cut into shards of `mining.shard_size`; CPU tasks decode, a pool of
-`mining.concurrency` actors with `mining.num_gpus` GPUs each runs the ViT and the mask math on
-batches of `mining.batch_size`, and the driver writes each finished shard as
-`run_dir/mine/<split>/part-NNNNN.parquet` (schema `maskdistill.shards.MASK_SCHEMA`). A rerun
+`mining.resources.concurrency` actors with `resources.num_gpus` GPUs each runs the ViT and the
+mask math on batches of `resources.batch_size`, and the driver writes each finished shard as
+`run_dir/mine/<split>/part-NNNNN.parquet` (schema `maskdistill.outputs.MASK_SCHEMA`). A rerun
 after a crash mines only the shards without a part. Unreadable images are skipped and counted,
 with their reasons, in `mine/manifest.json`.
 """
@@ -19,47 +19,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs import pretrain
 from jobs.common import connect, start
-from jobs.sharded import ShardedMap, dataset_of, run_sharded
-from maskdistill import shards
-from maskdistill.backbones import backbone_weights, build_backbone
+from jobs.sharded import ShardedMap, run_sharded
+from maskdistill.backbones import build_backbone
 from maskdistill.clustering import object_views
 from maskdistill.config import ExperimentConfig
+from maskdistill.data import dataset_of
 from maskdistill.masks import decode_rle, encode_rle
 from maskdistill.mining import mine_images
+from maskdistill.outputs import (
+    MASK_SCHEMA,
+    backbone_weights,
+    mined_folder,
+    mined_splits,
+    read_mined,
+)
 from maskdistill.rundir import RunDir, StageManifest, execute
-from maskdistill.shards import read_parts
+from maskdistill.stages import MINE, fingerprint
 from maskdistill.visualize import image_grid, mask_tile, png_bytes
 
-STAGE = "mine"
-
-
-def config_hash(config: ExperimentConfig) -> str:
-    """What the mined masks and features depend on (with weights 'pretrain', the pretraining)."""
-    own = config.section_hash(
-        "data", "backbone", "mining", "clustering.feature", "clustering.view_size"
-    )
-    return own + pretrain.config_hash(config) if pretrain.wanted(config) else own
-
-
-def split_folder(split: str) -> str:
-    """Where a split's mined parts go."""
-    return shards.split_folder(STAGE, split)
-
-
-def splits(config: ExperimentConfig) -> list[str]:
-    """Train, val and the clustering support split, each mined once."""
-    names = (config.data.train_split, config.data.val_split, config.clustering.support_split)
-    return list(dict.fromkeys(s for s in names if s is not None))
+STAGE = MINE
 
 
 class Miner:
     """GPU actor: the ViT stays loaded; each batch gives masks (Sec 3.2) and object features."""
 
     def __init__(self, config: ExperimentConfig) -> None:
-        torch.set_num_threads(math.ceil(config.mining.num_cpus))  # Ray sets OMP threads to 1
-        use_gpu = config.mining.num_gpus > 0 and torch.cuda.is_available()
+        res = config.mining.resources
+        torch.set_num_threads(math.ceil(res.num_cpus))  # Ray sets OMP threads to 1
+        use_gpu = res.num_gpus > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.bf16 = use_gpu and config.mining.precision == "bf16"
         self.backbone = build_backbone(config.backbone.arch, weights=backbone_weights(config))
@@ -116,15 +104,13 @@ def mine_split(config: ExperimentConfig, run: RunDir, split: str, manifest: Stag
     spec = ShardedMap(
         data=config.data,
         split=split,
-        folder=split_folder(split),
+        folder=mined_folder(split),
         shard_size=config.mining.shard_size,
         actor=Miner,
         to_row=_mask_row,
+        resources=config.mining.resources,
+        schema=MASK_SCHEMA,
         actor_kwargs={"config": config},
-        batch_size=config.mining.batch_size,
-        concurrency=config.mining.concurrency,
-        num_cpus=config.mining.num_cpus,
-        num_gpus=config.mining.num_gpus,
         desc=STAGE,
     )
     run_sharded(run, spec, manifest)
@@ -151,18 +137,18 @@ def run_stage(
     """Mine every split and draw `preview` train images; None when already complete."""
 
     def mine_all(manifest: StageManifest) -> None:
-        for split in splits(config):
+        for split in mined_splits(config):
             mine_split(config, run, split, manifest)
         if preview:
             write_preview(config, run, config.data.train_split, preview)
 
     run = RunDir(config.run_dir)
-    return execute(run, STAGE, config_hash(config), mine_all, force=force)
+    return execute(run, fingerprint(config, STAGE), mine_all, force=force)
 
 
 def write_preview(config: ExperimentConfig, run: RunDir, split: str, count: int) -> str:
     """A grid of the first `count` images of `split`: mask in colour, seed patch boxed."""
-    table = read_parts(run, split_folder(split)).slice(0, count).to_pylist()
+    table = read_mined(run, split).slice(0, count).to_pylist()
     dataset = dataset_of(config.data, split)
     tiles = [
         mask_tile(
@@ -173,7 +159,7 @@ def write_preview(config: ExperimentConfig, run: RunDir, split: str, count: int)
         for row in table
     ]
     rows = [tiles[i : i + 6] for i in range(0, len(tiles), 6)]
-    return run.write_bytes(png_bytes(image_grid(rows)), f"{split_folder(split)}_preview.png")
+    return run.write_bytes(png_bytes(image_grid(rows)), f"{mined_folder(split)}_preview.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Stage `pretrain`: DINO self-distillation of the mining ViT on the train split, with Ray Train.
 
-    python -m jobs.pretrain --config configs/demo.yaml [--set pretrain.num_workers=4]
+    python -m jobs.pretrain --config configs/demo.yaml [--set pretrain.resources.num_workers=4]
 
 Runs when backbone.weights is 'pretrain' (the pipeline skips it otherwise). The same contract
 as the other training stages: DDP workers draw their share of the global batch by iteration,
@@ -21,10 +21,10 @@ import ray.train.torch
 import torch
 
 from jobs.common import stage_main
-from jobs.sharded import dataset_of
 from jobs.training import Worker, fit_stage, latest_state
-from maskdistill.backbones import PRETRAINED, PRETRAINED_BACKBONE
 from maskdistill.config import ExperimentConfig
+from maskdistill.data import dataset_of
+from maskdistill.outputs import PRETRAINED_BACKBONE
 from maskdistill.pretrain import (
     DINOSchedules,
     MultiCrop,
@@ -39,19 +39,10 @@ from maskdistill.pretrain import (
     teacher_backbone,
 )
 from maskdistill.rundir import RunDir, StageManifest, execute
+from maskdistill.stages import PRETRAIN, fingerprint
 from maskdistill.visualize import png_bytes
 
-STAGE = "pretrain"
-
-
-def config_hash(config: ExperimentConfig) -> str:
-    """What the pretrained backbone depends on (not backbone.weights: that only says to use it)."""
-    return config.section_hash("data", "backbone.arch", "pretrain", "seed")
-
-
-def wanted(config: ExperimentConfig) -> bool:
-    """Whether the config's mining backbone is this run's own pretraining."""
-    return config.backbone.weights == PRETRAINED
+STAGE = PRETRAIN
 
 
 def schedules_for(config: ExperimentConfig, num_images: int) -> DINOSchedules:
@@ -123,7 +114,7 @@ def run_stage(
 ) -> StageManifest | None:
     """Pretrain the backbone; None when already complete for this config."""
     run = RunDir(config.run_dir)
-    return execute(run, STAGE, config_hash(config), lambda m: fit(config, m, hooks), force=force)
+    return execute(run, fingerprint(config, STAGE), lambda m: fit(config, m, hooks), force=force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,11 +19,10 @@ import ray
 from ray.data import ActorPoolStrategy
 from tqdm import tqdm
 
-from maskdistill.config import DataConfig
-from maskdistill.data import Dataset, UnreadableImage, build_dataset
+from maskdistill.config import ActorResources, DataConfig
+from maskdistill.data import UnreadableImage, dataset_of
 from maskdistill.rundir import RunDir, StageManifest
 from maskdistill.shards import (
-    MASK_SCHEMA,
     count_rows,
     finished_shards,
     read_skipped,
@@ -34,15 +33,6 @@ from maskdistill.shards import (
 
 DECODE_BATCH = 16
 DECODE_CPUS = 0.5
-_DATASETS: dict[tuple[str, str], Dataset] = {}
-
-
-def dataset_of(data: DataConfig, split: str) -> Dataset:
-    """The split's data set, built once per worker process."""
-    key = (data.model_dump_json(), split)
-    if key not in _DATASETS:
-        _DATASETS[key] = build_dataset(data, split)
-    return _DATASETS[key]
 
 
 def objects(values: list[Any]) -> np.ndarray:
@@ -73,7 +63,8 @@ def decode(batch: dict[str, np.ndarray], data: DataConfig, split: str) -> dict[s
 
 @dataclass
 class ShardedMap:
-    """One split through an actor pool into `folder`/part-NNNNN.parquet of `schema`.
+    """One split through an actor pool (`resources`: actors, their CPUs and GPUs, batch size)
+    into `folder`/part-NNNNN.parquet of `schema`.
 
     The actor is constructed with `actor_kwargs` and called on batches holding `image_id`,
     `shard`, `image` and `reason` (empty for readable images); it returns the same keys minus
@@ -86,12 +77,9 @@ class ShardedMap:
     shard_size: int
     actor: type
     to_row: Callable[[str, dict[str, Any]], dict[str, object]]
+    resources: ActorResources
+    schema: pa.Schema
     actor_kwargs: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 16
-    concurrency: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    schema: pa.Schema = MASK_SCHEMA
     desc: str = "map"
 
 
@@ -121,26 +109,39 @@ def _process(run: RunDir, spec: ShardedMap, pending: dict[int, list[str]]) -> No
             batch_size=DECODE_BATCH,
             num_cpus=DECODE_CPUS,
         )
+        # Node loss: defaults redo it (actors max_restarts=max_task_retries=-1, tasks max_retries=3)
         .map_batches(
             spec.actor,
             fn_constructor_kwargs=spec.actor_kwargs,
-            batch_size=spec.batch_size,
-            compute=ActorPoolStrategy(size=spec.concurrency),
-            num_cpus=spec.num_cpus,
-            num_gpus=spec.num_gpus,
+            batch_size=spec.resources.batch_size,
+            compute=ActorPoolStrategy(size=spec.resources.concurrency),
+            num_cpus=spec.resources.num_cpus,
+            num_gpus=spec.resources.num_gpus,
         )
     )
-    rows: dict[int, list[dict[str, object]]] = defaultdict(list)
-    skipped: dict[int, list[dict[str, str]]] = defaultdict(list)
+    # A batch redone after its actor or node died may deliver an image again: rows are kept
+    # per shard by image_id, and a shard is written once each of its distinct images is back.
+    missing = {shard: set(ids) for shard, ids in pending.items()}
+    rows: dict[int, dict[str, dict[str, object]]] = defaultdict(dict)
+    skipped: dict[int, dict[str, dict[str, str]]] = defaultdict(dict)
     with tqdm(total=len(items), desc=f"{spec.desc}:{spec.split}", unit="img") as progress:
         for out in outputs.iter_rows():
             shard, image_id = int(out["shard"]), str(out["image_id"])
+            if image_id not in missing.get(shard, ()):
+                continue  # a retried batch's duplicate; its shard may be written already
+            missing[shard].remove(image_id)
             if out["reason"]:
-                skipped[shard].append({"image_id": image_id, "reason": str(out["reason"])})
+                skipped[shard][image_id] = {"image_id": image_id, "reason": str(out["reason"])}
             else:
-                rows[shard].append(spec.to_row(image_id, out))
+                rows[shard][image_id] = spec.to_row(image_id, out)
             progress.update()
-            if len(rows[shard]) + len(skipped[shard]) == len(pending[shard]):
-                write_shard(
-                    run, spec.folder, shard, rows.pop(shard), skipped.pop(shard, []), spec.schema
-                )
+            if not missing[shard]:
+                del missing[shard]
+                done = list(rows.pop(shard, {}).values())
+                unreadable = list(skipped.pop(shard, {}).values())
+                write_shard(run, spec.folder, shard, done, unreadable, spec.schema)
+    if missing:
+        lost = sum(len(ids) for ids in missing.values())
+        raise RuntimeError(
+            f"{spec.desc}:{spec.split}: {lost} images of shards {sorted(missing)} never came back"
+        )

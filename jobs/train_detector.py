@@ -1,13 +1,14 @@
 """Stage `detector` (Sec 3.2 Eq 3, A.1): distill a Mask R-CNN on the clustered masks, Ray Train.
 
-    python -m jobs.train_detector --config configs/pascal.yaml --set detector.num_workers=4
+    python -m jobs.train_detector --config configs/pascal.yaml \
+        --set detector.resources.num_workers=4
 
-A `TorchTrainer` runs `detector.num_workers` DDP workers (GPUs when `detector.use_gpu`). Each
+A `TorchTrainer` runs `detector.resources.num_workers` DDP workers (GPUs when `use_gpu`). Each
 iteration every worker draws its share of the global batch by iteration number, so a resumed
 run sees the same data. Rank 0 writes checkpoints (model, optimizer, scheduler, scaler,
 iteration, RNG state) every `detector.checkpoint_every` iterations to
 `run_dir/detector/checkpoints/`, and losses and lr per iteration to `detector/log.jsonl`. A
-failed worker group is restarted up to `detector.max_failures` times and resumes from the latest
+failed worker group is restarted up to `resources.max_failures` times and resumes from the latest
 checkpoint; so does a rerun of the job. A NaN or infinite loss stops the run with an error. The
 trained weights end in `detector/model.pt` for the distill stage.
 """
@@ -21,56 +22,18 @@ import ray.train
 import ray.train.torch
 import torch
 
-from jobs import cluster
 from jobs.common import stage_main
-from jobs.sharded import dataset_of
 from jobs.training import Worker, export_weights, fit_stage
 from maskdistill.config import ExperimentConfig
-from maskdistill.detector import MaskTargets, build_detector, collate, detector_losses
-from maskdistill.engine import (
-    build_scheduler,
-    scaled_lr,
-    trainable,
-)
-from maskdistill.inference import read_weights
-from maskdistill.rundir import RunDir, StageManifest, execute, read_manifest
+from maskdistill.data import dataset_of
+from maskdistill.detector import MaskTargets, collate, detector_losses
+from maskdistill.engine import build_scheduler, scaled_lr, trainable
+from maskdistill.inference import detector_from_config
+from maskdistill.outputs import num_classes, read_labeled
+from maskdistill.rundir import RunDir, StageManifest, execute
+from maskdistill.stages import DETECTOR, fingerprint
 
-STAGE = "detector"
-SIDE_STEP = 32  # train shorter sides: low, low + 32, ..., high (detectron2's choice list)
-
-
-def config_hash(config: ExperimentConfig) -> str:
-    return config.section_hash("detector", "seed") + cluster.config_hash(config)
-
-
-def num_classes(run: RunDir) -> int:
-    """Clusters + 1 (background), from the cluster stage's manifest."""
-    manifest = read_manifest(run, cluster.STAGE)
-    if manifest is None:
-        raise FileNotFoundError(f"no {cluster.STAGE} stage in {run.uri}: run it first")
-    return int(manifest.metrics["clusters"]) + 1
-
-
-def detector_for(
-    config: ExperimentConfig, classes: int, *, load_init: bool = True
-) -> torch.nn.Module:
-    det = config.detector
-    low, high = det.train_short_side
-    return build_detector(
-        arch=det.arch,
-        num_classes=classes,
-        init=det.init,
-        init_path=det.init_path,
-        trainable_backbone_layers=det.trainable_backbone_layers,
-        train_short_sides=tuple(range(low, high, SIDE_STEP)) + (high,),
-        test_short_side=det.test_short_side,
-        max_size=det.max_size,
-        rpn_post_nms_top_n_train=det.proposals_per_image,
-        rpn_post_nms_top_n_test=det.test_proposals_per_image,
-        box_batch_size_per_image=det.roi_batch_size,
-        box_detections_per_img=det.detections_per_image,
-        load_init=load_init,
-    )
+STAGE = DETECTOR
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -79,7 +42,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     worker = Worker.start(loop_config, det)
     config, run, device = worker.config, worker.run, worker.device
     model = ray.train.torch.prepare_model(
-        detector_for(config, num_classes(run)),
+        detector_from_config(det, num_classes=num_classes(run)),
         parallel_strategy_kwargs={"find_unused_parameters": True},
     )
     optimizer = torch.optim.SGD(
@@ -88,7 +51,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         momentum=det.momentum,
         weight_decay=det.weight_decay,
     )
-    rows = cluster.read_labeled(run, config).to_pylist()
+    rows = read_labeled(run, config.data.train_split).to_pylist()
     samples = MaskTargets(rows, dataset_of(config.data, config.data.train_split), seed=config.seed)
 
     def batch_at(iteration: int) -> Any:
@@ -122,17 +85,9 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
     run = RunDir(config.run_dir)
     losses = fit_stage(train_loop_per_worker, config, STAGE, det, hooks)
     export_weights(run, STAGE, num_classes=num_classes(run), arch=det.arch)
-    manifest.inputs = len(cluster.read_labeled(run, config))
+    manifest.inputs = len(read_labeled(run, config.data.train_split))
     manifest.outputs = det.max_iters
     manifest.metrics.update(losses)
-
-
-def load_detector(config: ExperimentConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The trained detector from `detector/model.pt`, in eval mode."""
-    state = read_weights(RunDir(config.run_dir), STAGE)
-    model = detector_for(config, int(state["num_classes"]), load_init=False)  # weights: model.pt
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
 
 
 def run_stage(
@@ -140,7 +95,7 @@ def run_stage(
 ) -> StageManifest | None:
     """Train the detector; None when already complete for this config."""
     run = RunDir(config.run_dir)
-    return execute(run, STAGE, config_hash(config), lambda m: fit(config, m, hooks), force=force)
+    return execute(run, fingerprint(config, STAGE), lambda m: fit(config, m, hooks), force=force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

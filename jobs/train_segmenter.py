@@ -1,6 +1,7 @@
 """Stage `segmenter` (Sec 3.3 Eq 4, 4.1, A.3): DeepLab-v3 on the pseudo labels, with Ray Train.
 
-    python -m jobs.train_segmenter --config configs/pascal.yaml --set segmenter.num_workers=2
+    python -m jobs.train_segmenter --config configs/pascal.yaml \
+        --set segmenter.resources.num_workers=2
 
 The same contract as the detector stage: DDP workers draw their share of the global batch by
 iteration, rank 0 checkpoints every `segmenter.checkpoint_every_epochs` epochs to
@@ -19,31 +20,23 @@ import ray.train
 import ray.train.torch
 import torch
 
-from jobs import distill, train_detector
 from jobs.common import stage_main
-from jobs.sharded import dataset_of
 from jobs.training import Worker, export_weights, fit_stage
 from maskdistill.config import ExperimentConfig, LRSchedule
-from maskdistill.engine import (
-    build_scheduler,
-    scaled_lr,
-    trainable,
-)
-from maskdistill.inference import Segmenter, segmenter_from_config
+from maskdistill.data import dataset_of
+from maskdistill.engine import build_scheduler, scaled_lr, trainable
+from maskdistill.inference import segmenter_from_config
+from maskdistill.outputs import num_classes, read_pseudo
 from maskdistill.rundir import RunDir, StageManifest, execute
 from maskdistill.segmenter import SegmentationSamples, segmenter_losses
+from maskdistill.stages import SEGMENTER, fingerprint
 
-STAGE = "segmenter"
-
-
-def config_hash(config: ExperimentConfig) -> str:
-    return config.section_hash("segmenter", "seed") + distill.config_hash(config)
+STAGE = SEGMENTER
 
 
 def training_rows(config: ExperimentConfig, run: RunDir) -> list[dict[str, Any]]:
     """The pseudo labels of the train split, one row per image."""
-    split = config.data.train_split
-    return distill.read_pseudo(run, split, ["image_id", "label_png"]).to_pylist()
+    return read_pseudo(run, config.data.train_split, ["image_id", "label_png"]).to_pylist()
 
 
 def iteration_schedule(config: ExperimentConfig, num_images: int) -> tuple[int, int, LRSchedule]:
@@ -63,7 +56,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config, run, device = worker.config, worker.run, worker.device
     rows = training_rows(config, run)
     per_epoch, max_iters, schedule = iteration_schedule(config, len(rows))
-    classes = train_detector.num_classes(run)
+    classes = num_classes(run)
     model = ray.train.torch.prepare_model(segmenter_from_config(seg, num_classes=classes))
     optimizer = torch.optim.SGD(
         trainable(model.parameters()),
@@ -108,15 +101,10 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
     """Run the TorchTrainer; export the final weights to `segmenter/model.pt`."""
     run = RunDir(config.run_dir)
     losses = fit_stage(train_loop_per_worker, config, STAGE, config.segmenter, hooks)
-    state = export_weights(run, STAGE, num_classes=train_detector.num_classes(run))
+    state = export_weights(run, STAGE, num_classes=num_classes(run))
     manifest.inputs = len(training_rows(config, run))
     manifest.outputs = int(state["iteration"])
     manifest.metrics.update(losses)
-
-
-def load_segmenter(config: ExperimentConfig, device: torch.device | str = "cpu") -> Segmenter:
-    """The trained segmenter of `config.run_dir`, in eval mode."""
-    return Segmenter.from_run(config.run_dir, device=device, config=config)
 
 
 def run_stage(
@@ -124,7 +112,7 @@ def run_stage(
 ) -> StageManifest | None:
     """Train the segmenter; None when already complete for this config."""
     run = RunDir(config.run_dir)
-    return execute(run, STAGE, config_hash(config), lambda m: fit(config, m, hooks), force=force)
+    return execute(run, fingerprint(config, STAGE), lambda m: fit(config, m, hooks), force=force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

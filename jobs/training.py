@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import tempfile
@@ -15,13 +14,13 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from maskdistill import storage
-from maskdistill.config import ExperimentConfig
+from maskdistill.config import ExperimentConfig, TrainingResources
 from maskdistill.engine import (
     Checkpointer,
+    CurveWriter,
     MetricsLog,
     NonFiniteLoss,
     Prefetch,
@@ -29,6 +28,7 @@ from maskdistill.engine import (
     batch_indices,
     train,
 )
+from maskdistill.outputs import write_weights
 from maskdistill.rundir import RunDir
 
 
@@ -36,17 +36,11 @@ class TrainingSection(Protocol):
     """The config keys every training stage has (detector, segmenter, pretrain)."""
 
     @property
-    def num_workers(self) -> int: ...
-    @property
-    def use_gpu(self) -> bool: ...
-    @property
-    def cpus_per_worker(self) -> float: ...
-    @property
-    def max_failures(self) -> int: ...
-    @property
-    def loader_threads(self) -> int: ...
+    def batch_size(self) -> int: ...
     @property
     def precision(self) -> str: ...
+    @property
+    def resources(self) -> TrainingResources: ...
 
 
 def fit_stage(
@@ -58,15 +52,16 @@ def fit_stage(
 ) -> dict[str, float]:
     """`fit_workers` for one stage (its section's workers, its run-directory folder); returns
     rank 0's last losses, as floats."""
+    res = section.resources
     metrics = fit_workers(
         loop,
         {"config": config, "hooks": list(hooks)},
         name=stage,
         storage_path=RunDir(config.run_dir).uri_of(stage, "ray"),
-        num_workers=section.num_workers,
-        use_gpu=section.use_gpu,
-        cpus_per_worker=section.cpus_per_worker,
-        max_failures=section.max_failures,
+        num_workers=res.num_workers,
+        use_gpu=res.use_gpu,
+        cpus_per_worker=res.cpus_per_worker,
+        max_failures=res.max_failures,
     )
     return {name: float(value) for name, value in metrics.items() if name != "iteration"}
 
@@ -84,7 +79,7 @@ class Worker:
 
     @classmethod
     def start(cls, loop_config: Mapping[str, Any], section: TrainingSection) -> Worker:
-        torch.set_num_threads(math.ceil(section.cpus_per_worker))
+        torch.set_num_threads(math.ceil(section.resources.cpus_per_worker))
         context = ray.train.get_context()
         config: ExperimentConfig = loop_config["config"]
         return cls(
@@ -121,20 +116,27 @@ class Worker:
         losses: Callable[[torch.nn.Module, Any], Mapping[str, torch.Tensor]],
     ) -> None:
         """Resume, train to `max_iters` with checkpoints under `<stage>/checkpoints`, report the
-        last losses to Ray Train (or the NaN error, which the driver raises)."""
+        losses to Ray Train every `log_every` iterations (curves in `<stage>/tensorboard`) and at
+        the end (or the NaN error, which the driver raises)."""
+        main = self.rank == 0
         spec = TrainSpec(
             max_iters=max_iters,
             checkpoint_every=checkpoint_every,
             checkpoints=Checkpointer(self.run.uri_of(stage, "checkpoints")),
-            log=MetricsLog(self.run.uri_of(stage, "log.jsonl")) if self.rank == 0 else None,
-            batch_at=Prefetch(batch_at, section.loader_threads, stop=max_iters),
+            log=MetricsLog(self.run.uri_of(stage, "log.jsonl")) if main else None,
+            batch_at=Prefetch(batch_at, section.resources.loader_threads, stop=max_iters),
             losses=losses,
             device=self.device,
             bf16=self.device.type == "cuda" and section.precision == "bf16",
-            is_main=self.rank == 0,
+            is_main=main,
             barrier=barrier,
             hooks=self.hooks,
             all_finite=all_finite(self.device),
+            log_every=section.resources.log_every,
+            images_per_iter=section.batch_size // self.world * self.world,
+            # V2 report() is a barrier, equally often on every rank; checkpoint-less: callbacks only
+            report=ray.train.report,
+            curves=CurveWriter(self.run.uri_of(stage, "tensorboard")) if main else None,
         )
         try:
             last = train(model, optimizer, scheduler, spec)
@@ -168,9 +170,11 @@ def fit_workers(
     use_gpu: bool,
     cpus_per_worker: float,
     max_failures: int,
+    callbacks: Sequence[UserCallback] = (),
 ) -> dict[str, Any]:
     """Run `loop` on `num_workers` DDP workers; a failed group restarts up to `max_failures`
-    times. Returns rank 0's last report; raises NonFiniteLoss when a worker reported one."""
+    times. Returns rank 0's last report; raises NonFiniteLoss when a worker reported one.
+    `callbacks` run in the Ray Train controller and see every report of every rank."""
     resources = {"CPU": cpus_per_worker, "GPU": 1.0} if use_gpu else {"CPU": cpus_per_worker}
     _warn_if_short(resources, num_workers)
     trainer = TorchTrainer(
@@ -183,6 +187,8 @@ def fit_workers(
             name=name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
+            # mypy reads ray.air's RunConfig; Ray Train V2's, used at run time, takes UserCallbacks
+            callbacks=list(callbacks),  # type: ignore[arg-type]
         ),
     )
     metrics: dict[str, Any] = trainer.fit().metrics or {}
@@ -216,9 +222,7 @@ def export_weights(run: RunDir, stage: str, **extra: Any) -> dict[str, Any]:
     """Write the latest checkpoint's model (and `extra`) to `<stage>/model.pt`; return the
     checkpoint."""
     state = latest_state(run, stage)
-    buffer = io.BytesIO()
-    torch.save({"model": state["model"], **extra}, buffer)
-    storage.write_bytes(run.uri_of(stage, "model.pt"), buffer.getvalue())
+    write_weights(run, stage, state["model"], **extra)
     return state
 
 

@@ -10,8 +10,8 @@ Weights come from `build_backbone(arch, weights=...)`:
 - ``"hub"``: timm ``pretrained=True`` for the hub tag in `arch` (e.g.
   ``vit_small_patch16_224.dino``). This is the only path that touches the network.
 - ``"pretrain"`` in a config: the teacher backbone this run's DINO pretraining wrote
-  (`maskdistill.pretrain`, ``run_dir/pretrain/backbone.pth``); `backbone_weights(config)` turns
-  it into that file for `build_backbone`.
+  (`maskdistill.pretrain`, ``run_dir/pretrain/backbone.pth``); `outputs.backbone_weights(config)`
+  turns it into that file for `build_backbone`.
 - a local path or URI (``s3://...``; read through `maskdistill.storage.resolve`): an official
   DINO release ``.pth`` (plain, or a training checkpoint with ``teacher``/``student`` entries),
   a timm state dict (``.pth``/``.pt``/``.bin``) or ``.safetensors``. Loading is strict.
@@ -33,9 +33,9 @@ from timm.layers import Attention
 from timm.models import is_model_in_modules, split_model_name_tag
 from timm.models.vision_transformer import VisionTransformer
 
-from maskdistill.config import ExperimentConfig
-from maskdistill.rundir import RunDir
+from maskdistill.stages import PRETRAINED
 from maskdistill.storage import read_bytes, write_bytes
+from maskdistill.weights import key_listing, load_strict
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -47,10 +47,8 @@ _WRAPPER_KEYS = ("teacher", "state_dict", "model", "student")
 _STRIP_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 # DINO's projection head and timm's classifier: the backbone is built without a head.
 _DROP_PREFIX = "head."
-_LIST_LIMIT = 10
+_KEYS_NOTE = f"after stripping {', '.join(_STRIP_PREFIXES)} prefixes and dropping {_DROP_PREFIX}*"
 RANDOM_SEED = 0  # weights="random": timm's initialisation under this seed by default
-PRETRAINED = "pretrain"  # backbone.weights: this run's own DINO pretraining
-PRETRAINED_BACKBONE = ("pretrain", "backbone.pth")  # where it is, under the run directory
 
 
 @dataclass(frozen=True)
@@ -125,13 +123,6 @@ def imagenet_normalize(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def backbone_weights(config: ExperimentConfig) -> str:
-    """`backbone.weights` as `build_backbone` takes it: 'pretrain' becomes this run's file."""
-    if config.backbone.weights == PRETRAINED:
-        return RunDir(config.run_dir).uri_of(*PRETRAINED_BACKBONE)
-    return config.backbone.weights
-
-
 def build_backbone(
     arch: str = "vit_small_patch16_224", *, weights: str = "random", seed: int = RANDOM_SEED
 ) -> ViTBackbone:
@@ -141,7 +132,7 @@ def build_backbone(
     if weights == PRETRAINED:
         raise ValueError(
             f"weights={PRETRAINED!r} names a run's own pretrained backbone; pass "
-            "backbone_weights(config), the file the run's pretrain stage writes"
+            "outputs.backbone_weights(config), the file the run's pretrain stage writes"
         )
     name, tag = split_model_name_tag(arch)
     if not timm.is_model(name):
@@ -167,7 +158,7 @@ def build_backbone(
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{arch!r} built a {type(model).__name__}, not a VisionTransformer")
     if state is not None:
-        _load_strict(model, state, weights, arch)
+        load_strict(model, state, source=weights, what=repr(arch), note=_KEYS_NOTE)
     backbone = ViTBackbone(model)
     backbone.requires_grad_(False)
     return backbone.eval()
@@ -257,7 +248,7 @@ def _unwrap(raw: Any, uri: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{uri}: not a state dict (got {type(raw).__name__})")
     not_tensors = [str(k) for k, v in raw.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise ValueError(f"{uri}: not a state dict; non-tensor entries {_listing(not_tensors)}")
+        raise ValueError(f"{uri}: not a state dict; non-tensor entries {key_listing(not_tensors)}")
     return {str(k): v for k, v in raw.items()}
 
 
@@ -271,33 +262,3 @@ def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not name.startswith(_DROP_PREFIX):
             out[name] = value
     return out
-
-
-def _load_strict(
-    model: VisionTransformer, state: dict[str, torch.Tensor], uri: str, arch: str
-) -> None:
-    """Load `state` into `model`; ValueError listing missing, unexpected and mis-shaped keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{uri}: weights do not match {arch!r} (after stripping "
-            f"{', '.join(_STRIP_PREFIXES)} prefixes and dropping {_DROP_PREFIX}*)\n"
-            f"  missing keys: {_listing(missing)}\n"
-            f"  unexpected keys: {_listing(unexpected)}\n"
-            f"  shape mismatches: {_listing(mismatched)}"
-        )
-    model.load_state_dict(state, strict=True)
-
-
-def _listing(items: list[str]) -> str:
-    """'N: a, b, ...' with at most `_LIST_LIMIT` items shown."""
-    shown = ", ".join(items[:_LIST_LIMIT])
-    more = f", ... ({len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else ""
-    return f"{len(items)}{': ' + shown if items else ''}{more}"

@@ -1,6 +1,7 @@
-"""`maskdistill` command line: validate configs and run the stages, alone or as a pipeline.
+"""`maskdistill` command line: validate configs, see where a run stands, run the stages.
 
-Stages that need Ray (`mine`, `cluster`, `pipeline`) import it only when called.
+Commands that need Ray (the stage drivers in `jobs/`, `serve`) import it only when called;
+`config`, `status` and `predict` never do.
 """
 
 from __future__ import annotations
@@ -10,9 +11,22 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from maskdistill.config import ConfigError, load_config
+import pyarrow.fs as pafs
+import yaml
 
-RAY_COMMANDS = {
+from maskdistill import storage
+from maskdistill.config import (
+    ConfigError,
+    ExperimentConfig,
+    add_config_args,
+    apply_override,
+    load_config,
+    validate_config,
+)
+from maskdistill.rundir import RunDir
+
+DRIVERS = {
+    "data": "jobs.data",
     "pretrain": "jobs.pretrain",
     "mine": "jobs.mine",
     "cluster": "jobs.cluster",
@@ -24,18 +38,20 @@ RAY_COMMANDS = {
     "demo": "jobs.demo",
     "serve": "serve.app",
 }
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="experiment YAML (default: built-in defaults)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one key, e.g. --set mining.top_k=0.3 (repeatable; value parsed as YAML)",
-    )
+HELP = {
+    "data": "index the train/val splits and draw previews",
+    "pretrain": "DINO self-distillation of the ViT on the train split (Ray Train)",
+    "mine": "Sec 3.2: mine one object mask per image (Ray Data)",
+    "cluster": "Sec 3.2: K-means on the mined objects' features",
+    "train-detector": "Sec 3.2: distill a Mask R-CNN on the clustered masks (Ray Train)",
+    "distill": "Sec 3.3: confident detector masks -> pseudo-label maps (Ray Data)",
+    "train-segmenter": "Sec 3.3 Eq 4: DeepLab-v3 on the pseudo labels (Ray Train)",
+    "evaluate": "Sec 4.1, A.2-A.4: Table 1 mIoU, mask AP, pictures on the val split",
+    "pipeline": "every stage in order, skipping finished ones (--from, --only)",
+    "demo": "the pipeline on synthetic scenes, then one query to the HTTP service",
+    "serve": "HTTP segmentation service for a trained run (Ray Serve)",
+    "predict": "label PNGs for a folder / URI of images (no Ray)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,23 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("config", help="print the resolved, validated config")
     add_config_args(show)
-    data = commands.add_parser("data", help="index the train/val splits and draw previews")
-    add_config_args(data)
-    data.add_argument("--preview", type=int, default=8, help="images in each preview picture")
-    data.add_argument("--force", action="store_true", help="rerun even when already complete")
-    for name, help_text in (
-        ("pretrain", "DINO self-distillation of the ViT on the train split (Ray Train)"),
-        ("mine", "Sec 3.2: mine one object mask per image (Ray Data)"),
-        ("cluster", "Sec 3.2: K-means on the mined objects' features"),
-        ("train-detector", "Sec 3.2: distill a Mask R-CNN on the clustered masks (Ray Train)"),
-        ("distill", "Sec 3.3: confident detector masks -> pseudo-label maps (Ray Data)"),
-        ("train-segmenter", "Sec 3.3 Eq 4: DeepLab-v3 on the pseudo labels (Ray Train)"),
-        ("evaluate", "Sec 4.1, A.2-A.4: Table 1 mIoU, mask AP, pictures on the val split"),
-        ("pipeline", "every stage in order, skipping finished ones (--from, --only)"),
-        ("demo", "the pipeline on synthetic scenes, then one query to the HTTP service"),
-        ("predict", "label PNGs for a folder / URI of images (no Ray)"),
-        ("serve", "HTTP segmentation service for a trained run (Ray Serve)"),
-    ):
+    status = commands.add_parser(
+        "status",
+        help="per stage: done / partial / stale / missing, its hash, what `pipeline` would do",
+        description="Where a run stands against a config (by default the run's own "
+        "config.yaml; --set changes keys of it). Reads the run directory only.",
+    )
+    status.add_argument("run_dir", help="run directory (local path or URI)")
+    add_config_args(status)
+    for name, help_text in HELP.items():
         commands.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -70,21 +78,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         from maskdistill.predict import main as predict
 
         return predict(argv[1:])
-    if argv and argv[0] in RAY_COMMANDS:
-        job = importlib.import_module(RAY_COMMANDS[argv[0]])
+    if argv and argv[0] in DRIVERS:
+        job = importlib.import_module(DRIVERS[argv[0]])
         return int(job.main(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "status":
+            return show_status(args.run_dir, args.config, args.overrides)
         config = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.command == "config":
-        print(config.to_yaml(), end="")
-        return 0
-    from maskdistill.data.index import run_stage
-    from maskdistill.rundir import RunDir
-
-    RunDir(config.run_dir).write_config(config)
-    run_stage(config, preview=args.preview, force=args.force)
+    print(config.to_yaml(), end="")
     return 0
+
+
+def show_status(run_dir: str, path: str | None, overrides: Sequence[str]) -> int:
+    """Print the run's stage table against the config; 1 when it is not a run directory."""
+    from maskdistill.stages import run_status, status_table
+
+    fs, root = storage.resolve(run_dir)
+    if fs.get_file_info(f"{root.rstrip('/')}/config.yaml").type != pafs.FileType.File:
+        print(f"error: {run_dir}: not a run directory (no config.yaml)", file=sys.stderr)
+        return 1
+    run = RunDir(run_dir)
+    config = run_config(run, path, overrides)
+    print(f"run {run.uri} against {path or 'its config.yaml'}")
+    print(status_table(run_status(run, config)))
+    return 0
+
+
+def run_config(run: RunDir, path: str | None, overrides: Sequence[str]) -> ExperimentConfig:
+    """`path` with `overrides`, else the run's own config.yaml with them; run_dir is the run."""
+    if path is not None:
+        config = load_config(path, overrides)
+    else:
+        source = run.uri_of("config.yaml")
+        raw = yaml.safe_load(run.read_bytes("config.yaml")) or {}
+        for item in overrides:
+            apply_override(raw, item)
+        config = validate_config(raw, source=source)
+    return config.model_copy(update={"run_dir": run.uri})

@@ -5,9 +5,8 @@ Defaults follow the paper (Sec 4.1, A.1-A.3); `configs/*.yaml` change only what 
 
 from __future__ import annotations
 
+import argparse
 import difflib
-import hashlib
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeGuard, get_args, get_origin
@@ -22,12 +21,63 @@ Precision = Literal["fp32", "bf16"]
 BackboneInit = Literal["moco", "imagenet", "none"]
 
 
+RESOURCES = "resources"  # the part of a section that says how a stage runs, never what it makes
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names every bad key and what it allows."""
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class TrainingResources(Section):
+    """How a training stage runs: none of it changes the result, so none of it is hashed.
+
+    The global batch and the schedule stay the section's own: a run resumed on another number
+    of workers continues the same run (each iteration's global batch is the same images).
+    """
+
+    num_workers: Positive = Field(1, description="Ray Train workers (one per GPU)")
+    cpus_per_worker: Annotated[float, Field(gt=0.0)] = Field(
+        1.0, description="CPUs per worker; torch runs ceil(cpus_per_worker) threads"
+    )
+    use_gpu: bool = True
+    max_failures: NonNegative = Field(
+        2, description="worker-group restarts (from the latest checkpoint) before giving up"
+    )
+    loader_threads: Positive = Field(4, description="threads preparing the next batches")
+    log_every: Positive = Field(
+        20,
+        description="iterations between reports to Ray Train and TensorBoard; keep it >= ~2 s "
+        "of training (Ray Train V2 takes one report per rank every 2 s; faster ones wait)",
+    )
+
+
+class ActorResources(Section):
+    """How a Ray Data map stage runs (an actor pool over shards); never hashed."""
+
+    batch_size: Positive = Field(8, description="images per model forward on one actor")
+    num_gpus: Annotated[float, Field(ge=0.0)] = Field(
+        1.0, description="GPUs per actor; 0 runs on CPU"
+    )
+    num_cpus: Annotated[float, Field(gt=0.0)] = Field(
+        1.0,
+        description="CPUs reserved per actor; torch runs ceil(num_cpus) threads in it. "
+        "Leave at least 0.5 CPU of the cluster free for the decode tasks.",
+    )
+    concurrency: Positive = Field(1, description="actors (one per GPU on a cluster)")
+
+
+class TaskResources(Section):
+    """How a one-task stage runs (the evaluation); never hashed."""
+
+    batch_size: Positive = Field(8, description="images per model forward")
+    num_gpus: Annotated[float, Field(ge=0.0)] = Field(
+        1.0, description="GPUs of the task; 0 runs on CPU"
+    )
+    num_cpus: Annotated[float, Field(gt=0.0)] = Field(1.0, description="CPUs reserved for it")
 
 
 class SyntheticConfig(Section):
@@ -170,24 +220,15 @@ class PretrainConfig(Section):
     checkpoint_every_epochs: Positive = Field(
         10, description="a checkpoint holds student, teacher and AdamW state: 4x the backbone"
     )
-    num_workers: Positive = Field(1, description="Ray Train workers (one per GPU)")
-    cpus_per_worker: Annotated[float, Field(gt=0.0)] = Field(
-        1.0, description="CPUs per worker; torch runs ceil(cpus_per_worker) threads"
-    )
-    use_gpu: bool = True
-    max_failures: NonNegative = 2
-    loader_threads: Positive = 4
     precision: Precision = "bf16"
+    resources: TrainingResources = TrainingResources()
     attention_images: NonNegative = Field(
         6, description="val images in pretrain/attention.png (last block's CLS attention)"
     )
 
     @model_validator(mode="after")
     def _consistent(self) -> PretrainConfig:
-        if self.batch_size % self.num_workers:
-            raise ValueError(
-                f"batch_size={self.batch_size} must be a multiple of num_workers={self.num_workers}"
-            )
+        _batch_splits(self.batch_size, self.resources.num_workers)
         for name in ("global_crop_scale", "local_crop_scale"):
             low, high = getattr(self, name)
             if low > high:
@@ -207,20 +248,13 @@ class MiningConfig(Section):
         True, description="keep the 4-connected component holding the seed (authors' release)"
     )
     short_side: Positive = Field(640, description="shorter image side when mining (Sec 4.1)")
-    batch_size: Positive = Field(32, description="images per ViT forward on one actor")
-    num_gpus: Annotated[float, Field(ge=0.0)] = Field(
-        1.0, description="GPUs per mining actor; 0 mines on CPU"
-    )
-    num_cpus: Annotated[float, Field(gt=0.0)] = Field(
-        1.0,
-        description="CPUs reserved per mining actor; torch runs ceil(num_cpus) threads in it. "
-        "Leave at least 0.5 CPU of the cluster free for the decode tasks.",
-    )
-    concurrency: Positive = Field(1, description="mining actors (one per GPU on a cluster)")
     shard_size: Positive = Field(
-        1000, description="images per Parquet part; a rerun redoes only unfinished parts"
+        1000,
+        description="images per Parquet part; a rerun redoes only unfinished parts (hashed: "
+        "parts are found by shard number)",
     )
     precision: Precision = "bf16"
+    resources: ActorResources = ActorResources(batch_size=32)
 
 
 class ClusteringConfig(Section):
@@ -240,6 +274,14 @@ class ClusteringConfig(Section):
     iterations: Positive = 100
     seed: NonNegative = 0
     support_split: str | None = None
+
+
+def _batch_splits(batch_size: int, num_workers: int) -> None:
+    """The global batch is split evenly over the workers."""
+    if batch_size % num_workers:
+        raise ValueError(
+            f"batch_size={batch_size} must be a multiple of resources.num_workers={num_workers}"
+        )
 
 
 class LRSchedule(Section):
@@ -286,23 +328,12 @@ class DetectorConfig(Section):
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
     checkpoint_every: Positive = 1000
-    num_workers: Positive = Field(1, description="Ray Train workers (one per GPU)")
-    cpus_per_worker: Annotated[float, Field(gt=0.0)] = Field(
-        1.0, description="CPUs per worker; torch runs ceil(cpus_per_worker) threads"
-    )
-    use_gpu: bool = True
-    max_failures: NonNegative = Field(
-        2, description="worker-group restarts (from the latest checkpoint) before giving up"
-    )
-    loader_threads: Positive = Field(4, description="threads preparing the next batches")
     precision: Precision = "bf16"
+    resources: TrainingResources = TrainingResources()
 
     @model_validator(mode="after")
     def _batch_splits(self) -> DetectorConfig:
-        if self.batch_size % self.num_workers:
-            raise ValueError(
-                f"batch_size={self.batch_size} must be a multiple of num_workers={self.num_workers}"
-            )
+        _batch_splits(self.batch_size, self.resources.num_workers)
         return self
 
 
@@ -313,11 +344,8 @@ class PseudoLabelConfig(Section):
         0.9, description="confidence threshold; Fig 5: mIoU plateaus around 0.9"
     )
     keep_best_when_none: bool = True
-    batch_size: Positive = Field(8, description="images per detector forward on one actor")
-    num_gpus: Annotated[float, Field(ge=0.0)] = 1.0
-    num_cpus: Annotated[float, Field(gt=0.0)] = 1.0
-    concurrency: Positive = 1
-    shard_size: Positive = 1000
+    shard_size: Positive = Field(1000, description="images per Parquet part (hashed)")
+    resources: ActorResources = ActorResources()
 
 
 class SegmenterConfig(Section):
@@ -345,19 +373,16 @@ class SegmenterConfig(Section):
     )
     rotation_degrees: Annotated[float, Field(ge=0.0, le=180.0)] = 5.0
     checkpoint_every_epochs: Positive = 1
-    num_workers: Positive = 1
-    cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
-    use_gpu: bool = True
-    max_failures: NonNegative = 2
-    loader_threads: Positive = 4
     precision: Precision = "bf16"
+    resources: TrainingResources = TrainingResources()
 
     @model_validator(mode="after")
     def _batch_splits(self) -> SegmenterConfig:
-        if self.batch_size % self.num_workers or self.batch_size // self.num_workers < 2:
+        workers = self.resources.num_workers
+        if self.batch_size % workers or self.batch_size // workers < 2:
             raise ValueError(
-                f"batch_size={self.batch_size} must be a multiple of num_workers="
-                f"{self.num_workers} with at least 2 images per worker (BatchNorm in the head)"
+                f"batch_size={self.batch_size} must be a multiple of resources.num_workers="
+                f"{workers} with at least 2 images per worker (BatchNorm in the head)"
             )
         return self
 
@@ -383,13 +408,7 @@ class EvaluationConfig(Section):
     mask_ap: bool = True
     crf: bool = False
     num_overlays: NonNegative = 8
-    batch_size: Positive = Field(8, description="val images per segmenter forward")
-    num_gpus: Annotated[float, Field(ge=0.0)] = Field(
-        1.0, description="GPUs of the evaluation task; 0 evaluates on CPU"
-    )
-    num_cpus: Annotated[float, Field(gt=0.0)] = Field(
-        1.0, description="CPUs reserved for the evaluation task"
-    )
+    resources: TaskResources = TaskResources()
 
     @model_validator(mode="after")
     def _increasing_milestones(self) -> EvaluationConfig:
@@ -454,15 +473,26 @@ class ExperimentConfig(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     serve: ServeConfig = ServeConfig()
 
-    def section_hash(self, *keys: str) -> str:
-        """Stable hash of the named sections or dotted keys (all when none), for manifests."""
+    def science(self, *keys: str) -> dict[str, Any]:
+        """Dotted key -> value of every leaf under the named sections or keys, their `resources`
+        parts left out: what decides a stage's result (`maskdistill.stages` hashes it)."""
         dumped = self.model_dump(mode="json")
-        chosen = {key: _lookup(dumped, key) for key in keys} if keys else dumped
-        text = json.dumps(chosen, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        flat: dict[str, Any] = {}
+        for key in keys:
+            _flatten(_lookup(dumped, key), key, flat)
+        return flat
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
+    if not isinstance(node, dict):
+        out[prefix] = node
+        return
+    for name, child in node.items():
+        if name != RESOURCES:
+            _flatten(child, f"{prefix}.{name}", out)
 
 
 def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
@@ -470,6 +500,19 @@ def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         node = node[part]
     return node
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE` and repeatable `--set KEY=VALUE`, as every command takes them."""
+    parser.add_argument("--config", help="experiment YAML (default: built-in defaults)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set mining.top_k=0.3 (repeatable; value parsed as YAML)",
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -524,6 +567,8 @@ def _describe(error: Mapping[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
         close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        if not close and loc[-1] in _allowed_keys([*loc[:-1], RESOURCES]):
+            close = [f"{RESOURCES}.{loc[-1]}"]  # resources moved out of the hashed section
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"{key}: unknown key{hint}; allowed keys: {', '.join(allowed)}"
     value = error.get("input")

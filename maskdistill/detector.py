@@ -10,8 +10,6 @@ torchvision has no C4 Mask R-CNN, so the default is `maskrcnn_resnet50_fpn`.
 
 from __future__ import annotations
 
-import io
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,14 +29,11 @@ from torchvision.ops import FrozenBatchNorm2d
 from maskdistill.backbones import IMAGENET_MEAN, IMAGENET_STD
 from maskdistill.data.base import Dataset
 from maskdistill.masks import decode_rle, mask_to_box
-from maskdistill.storage import read_bytes
+from maskdistill.weights import INITS, freeze_batchnorm, load_moco
 
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn")
-INITS = ("moco", "imagenet", "none")
 # A.1: shorter side drawn from [480, 800] in training (Detectron2's steps of 32), 800 at test.
 TRAIN_SHORT_SIDES = tuple(range(480, 801, 32))
-MOCO_PREFIX = "module.encoder_q."
-_LIST_LIMIT = 8
 
 
 class MultiScaleTransform(GeneralizedRCNNTransform):
@@ -98,29 +93,10 @@ def build_detector(
         raise ValueError("image sizes are train_short_sides, test_short_side and max_size")
     backbone = _backbone(arch, init, trainable_backbone_layers, load_init=load_init)
     if init == "moco" and load_init:
-        _load_strict(backbone.body, moco_state_dict(str(init_path)), str(init_path))
+        load_moco(backbone.body, str(init_path))
     model = _mask_rcnn(arch, backbone, num_classes, **kwargs)
     model.transform = MultiScaleTransform(train_short_sides, test_short_side, max_size)
     return model
-
-
-def moco_state_dict(uri: str) -> dict[str, Tensor]:
-    """The query encoder of a MoCo checkpoint, `module.encoder_q.` stripped, its `fc` head dropped.
-
-    Official release format: {"state_dict": {"module.encoder_q.conv1.weight": ..., ...}}.
-    """
-    try:
-        raw = torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as err:
-        raise ValueError(f"{uri}: not a readable torch checkpoint: {err}") from err
-    state = raw.get("state_dict") if isinstance(raw, Mapping) else None
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{uri}: not a MoCo checkpoint (no 'state_dict' mapping)")
-    return {
-        key[len(MOCO_PREFIX) :]: value
-        for key, value in state.items()
-        if key.startswith(MOCO_PREFIX) and not key.startswith(f"{MOCO_PREFIX}fc.")
-    }
 
 
 def _check_args(
@@ -155,7 +131,7 @@ def _backbone(arch: str, init: str, trainable_layers: int, *, load_init: bool) -
     fpn_norm = nn.BatchNorm2d if arch.endswith("_v2") else None
     # A.1: the first two backbone stages frozen (trainable_layers=3: stem and layer1)
     backbone = _resnet_fpn_extractor(resnet, trainable_layers, norm_layer=fpn_norm)
-    _freeze_batchnorm(backbone.body)
+    freeze_batchnorm(backbone.body)
     return backbone
 
 
@@ -164,20 +140,6 @@ def _imagenet_weights(depth: int) -> Any:
     if depth == 18:
         return torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     return torchvision.models.ResNet50_Weights.IMAGENET1K_V1
-
-
-def _freeze_batchnorm(module: nn.Module) -> None:
-    """Replace each BatchNorm2d whose affine parameters are frozen by a FrozenBatchNorm2d.
-
-    A frozen stage then keeps its running statistics in training mode as well.
-    """
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d) and not child.weight.requires_grad:
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            frozen.load_state_dict(child.state_dict())
-            setattr(module, name, frozen)
-        else:
-            _freeze_batchnorm(child)
 
 
 def _mask_rcnn(arch: str, backbone: BackboneWithFPN, num_classes: int, **kwargs: Any) -> MaskRCNN:
@@ -197,27 +159,6 @@ def _mask_rcnn(arch: str, backbone: BackboneWithFPN, num_classes: int, **kwargs:
         mask_head=MaskRCNNHeads(channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d),
         **kwargs,
     )
-
-
-def _load_strict(module: nn.Module, state: Mapping[str, Tensor], uri: str) -> None:
-    """Load every tensor of `module` from `state`; ValueError naming `uri` on any mismatch."""
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{uri}: weights do not fit the ResNet body: {err}") from err
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{uri}: weights do not match the ResNet body (after keeping {MOCO_PREFIX}* without "
-            "the prefix and dropping fc.*)\n"
-            f"  missing keys: {_listing(result.missing_keys)}\n"
-            f"  unexpected keys: {_listing(result.unexpected_keys)}"
-        )
-
-
-def _listing(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_LIST_LIMIT])
-    more = f", ... ({len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else ""
-    return f"{len(items)}{': ' + shown if items else ''}{more}"
 
 
 class MaskTargets(torch.utils.data.Dataset[tuple[Tensor, dict[str, Tensor]]]):

@@ -1,6 +1,8 @@
-"""The trained segmenter as a plain object: load it from a run directory, segment images.
+"""The trained models as plain objects, loaded strictly from a run directory. Ray-free.
 
-Shared by the evaluation stage, `maskdistill predict` and the HTTP service. Ray-free.
+The segmenter (`Segmenter`) serves the evaluation stage, `maskdistill predict` and the HTTP
+service; the distilled Mask R-CNN (`load_detector`) the distill stage. The architecture comes
+from the run's config; the weights from `<stage>/model.pt` (`maskdistill.outputs`).
 
 Labels follow the pseudo labels (`maskdistill.pseudolabels`): 0 is background, `1 + k` is
 cluster `k`. Their names come from `evaluate/class_names.json` when the evaluation stage has
@@ -9,32 +11,62 @@ matched clusters to ground-truth classes (Hungarian, Sec 4.1), else "background"
 
 from __future__ import annotations
 
-import io
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from maskdistill.backbones import to_model_input
-from maskdistill.config import ExperimentConfig, SegmenterConfig
+from maskdistill.config import DetectorConfig, ExperimentConfig, SegmenterConfig
+from maskdistill.detector import build_detector
+from maskdistill.outputs import CLASS_NAMES_FILE, read_weights
 from maskdistill.rundir import RunDir
 from maskdistill.segmenter import build_segmenter
+from maskdistill.stages import DETECTOR, SEGMENTER
 
-SEGMENTER_STAGE = "segmenter"
-CLASS_NAMES_FILE = ("evaluate", "class_names.json")
+SIDE_STEP = 32  # detector train shorter sides: low, low + 32, ..., high (detectron2's choices)
 
 
-def read_weights(run: RunDir, stage: str) -> dict[str, Any]:
-    """The `<stage>/model.pt` a training stage exported: {"model": state dict, ...extra}."""
-    if not run.exists(stage, "model.pt"):
-        raise FileNotFoundError(f"{run.uri_of(stage, 'model.pt')}: no trained {stage} there")
-    state: dict[str, Any] = torch.load(
-        io.BytesIO(run.read_bytes(stage, "model.pt")), map_location="cpu"
+def detector_from_config(
+    det: DetectorConfig, *, num_classes: int, load_init: bool = True
+) -> torch.nn.Module:
+    """The Mask R-CNN a run's config describes (A.1); its init weights only with `load_init`."""
+    low, high = det.train_short_side
+    return build_detector(
+        arch=det.arch,
+        num_classes=num_classes,
+        init=det.init,
+        init_path=det.init_path,
+        trainable_backbone_layers=det.trainable_backbone_layers,
+        train_short_sides=tuple(range(low, high, SIDE_STEP)) + (high,),
+        test_short_side=det.test_short_side,
+        max_size=det.max_size,
+        rpn_post_nms_top_n_train=det.proposals_per_image,
+        rpn_post_nms_top_n_test=det.test_proposals_per_image,
+        box_batch_size_per_image=det.roi_batch_size,
+        box_detections_per_img=det.detections_per_image,
+        load_init=load_init,
     )
-    return state
+
+
+def load_detector(
+    run_dir: str,
+    *,
+    device: torch.device | str = "cpu",
+    config: ExperimentConfig | None = None,
+) -> torch.nn.Module:
+    """The trained detector of a run (`detector/model.pt`, strictly), in eval mode; the
+    architecture from `config`, by default the run's own `config.yaml`."""
+    run = RunDir(run_dir)
+    config = config or run.read_config()
+    state = read_weights(run, DETECTOR)
+    model = detector_from_config(
+        config.detector, num_classes=int(state["num_classes"]), load_init=False
+    )
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
 
 
 def segmenter_from_config(seg: SegmenterConfig, *, num_classes: int) -> nn.Module:
@@ -77,7 +109,7 @@ class Segmenter:
         """
         run = RunDir(run_dir)
         config = config or run.read_config()
-        state = read_weights(run, SEGMENTER_STAGE)
+        state = read_weights(run, SEGMENTER)
         num_classes = int(state["num_classes"])
         model = segmenter_from_config(
             config.segmenter.model_copy(update={"init": "none", "init_path": None}),

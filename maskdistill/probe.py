@@ -59,7 +59,7 @@ def fit_linear_probe(
     crop_size: int | None = None,
     ignore_index: int = 255,
     seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, float, float], None] | None = None,
 ) -> nn.Conv2d:
     """Sec 4.1 (i), A.2: a 1x1 conv from the frozen features to `num_classes` ground-truth classes.
 
@@ -69,7 +69,7 @@ def fit_linear_probe(
     summed over its valid pixels, divided by their number, on logits upsampled bilinearly to each
     label's size. crop_size None: whole images, features cached (see the module notes); else a
     random crop_size x crop_size window (padded right and below: mean colour, ignored labels)
-    and a coin-flip mirror per image and epoch. `progress` gets one line per epoch.
+    and a coin-flip mirror per image and epoch. `progress(epoch, mean loss, lr)` after each epoch.
     The model itself is never changed.
     """
     _check_training(samples, epochs, batch_size, lr, milestones, crop_size)
@@ -105,8 +105,7 @@ def fit_linear_probe(
             losses.append(float(loss.detach()))
         if progress is not None:
             mean = float(np.mean(losses)) if losses else float("nan")
-            rate = optimizer.param_groups[0]["lr"]
-            progress(f"linear probe epoch {epoch + 1}/{epochs}: loss {mean:.4f}, lr {rate:.3g}")
+            progress(epoch, mean, float(optimizer.param_groups[0]["lr"]))
         schedule.step()
     return probe.eval()
 

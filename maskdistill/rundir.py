@@ -21,9 +21,10 @@ from maskdistill import storage
 from maskdistill.config import ExperimentConfig, validate_config
 
 MANIFEST = "manifest.json"
-ATTEMPT = "attempt.json"  # the config hash a stage's files under way belong to
+ATTEMPT = "attempt.json"  # the fingerprint a stage's files under way belong to
+STALE = "stale"  # stale stage output is moved under here, not deleted
 TRACKED_PACKAGES = ("maskdistill", "torch", "torchvision", "timm", "numpy", "pyarrow", "ray")
-StageStatus = Literal["missing", "stale", "complete"]
+StageState = Literal["done", "partial", "stale", "missing"]
 
 
 class RunDir:
@@ -61,6 +62,16 @@ class RunDir:
         if self.exists(*parts):
             self.fs.delete_dir(self.path(*parts))
 
+    def move_aside(self, stage: str, tag: str) -> str:
+        """Move the folder `stage` to `stale/<stage>-<tag>[-n]` (kept, not deleted); the new
+        folder's path under the run directory."""
+        name, n = f"{stage}-{tag}", 1
+        while self.exists(STALE, name):
+            n += 1
+            name = f"{stage}-{tag}-{n}"
+        storage.move_tree(self.uri_of(stage), self.uri_of(STALE, name))
+        return f"{STALE}/{name}"
+
     def read_json(self, *parts: str) -> Any:
         return json.loads(self.read_bytes(*parts))
 
@@ -80,12 +91,29 @@ class RunDir:
         return self.write_bytes(config.to_yaml().encode(), "config.yaml")
 
 
+@dataclass(frozen=True)
+class Fingerprint:
+    """What decides a stage's result: its own config values (dotted key -> value, resources
+    left out), the hashes of the stages it reads, and the hash of both (`maskdistill.stages`)."""
+
+    stage: str
+    config_hash: str
+    science: dict[str, Any] = field(default_factory=dict)
+    upstream: dict[str, str] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {"config_hash": self.config_hash, "science": self.science, "upstream": self.upstream}
+
+
 @dataclass
 class StageManifest:
     """What a finished stage did: enough to decide whether it must run again."""
 
     stage: str
     config_hash: str
+    science: dict[str, Any] = field(default_factory=dict)
+    upstream: dict[str, str] = field(default_factory=dict)
+    moved_aside: str | None = None  # where the stale output of another config was put
     inputs: int = 0
     outputs: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
@@ -117,25 +145,48 @@ def read_manifest(run: RunDir, stage: str) -> StageManifest | None:
     return StageManifest(**body)
 
 
-def stage_status(run: RunDir, stage: str, config_hash: str) -> StageStatus:
-    """'complete' when the stage finished with this config, 'stale' when with another one."""
-    manifest = read_manifest(run, stage)
-    if manifest is None:
-        return "missing"
-    return "complete" if manifest.config_hash == config_hash else "stale"
+def read_record(run: RunDir, stage: str) -> dict[str, Any] | None:
+    """The fingerprint a stage's output was made with: its manifest, else its attempt file."""
+    for name in (MANIFEST, ATTEMPT):
+        if run.exists(stage, name):
+            record: dict[str, Any] = run.read_json(stage, name)
+            return record
+    return None
+
+
+def stage_state(run: RunDir, fp: Fingerprint) -> StageState:
+    """'done' (finished with this fingerprint), 'partial' (interrupted with it, resumable),
+    'stale' (output of another config) or 'missing'."""
+    manifest = read_manifest(run, fp.stage)
+    if manifest is not None and manifest.config_hash == fp.config_hash:
+        return "done"
+    if run.exists(fp.stage, ATTEMPT) and (
+        run.read_json(fp.stage, ATTEMPT)["config_hash"] == fp.config_hash
+    ):
+        return "partial"
+    return "missing" if read_record(run, fp.stage) is None else "stale"
 
 
 @contextmanager
-def stage_run(run: RunDir, stage: str, config_hash: str) -> Iterator[StageManifest]:
+def stage_run(run: RunDir, fp: Fingerprint) -> Iterator[StageManifest]:
     """Time a stage; its manifest is written only when the body finishes without error.
 
-    Output left by an earlier attempt with another config is removed first; output of an
-    interrupted attempt with this config stays, for the stage to resume from.
+    Output of another config is moved aside first (`stale/`, noted in the manifest); output of
+    an interrupted attempt with this fingerprint stays, for the stage to resume from.
     """
-    if run.exists(stage, ATTEMPT) and run.read_json(stage, ATTEMPT)["config_hash"] != config_hash:
-        run.remove(stage)
-    run.write_json({"config_hash": config_hash}, stage, ATTEMPT)
-    manifest = StageManifest(stage=stage, config_hash=config_hash, started_at=time.time())
+    moved = None
+    if stage_state(run, fp) == "stale":
+        moved = run.move_aside(fp.stage, str((read_record(run, fp.stage) or {})["config_hash"]))
+        print(f"{fp.stage}: output of another config moved to {run.path(moved)}")
+    run.write_json(fp.record(), fp.stage, ATTEMPT)
+    manifest = StageManifest(
+        stage=fp.stage,
+        config_hash=fp.config_hash,
+        science=fp.science,
+        upstream=fp.upstream,
+        moved_aside=moved,
+        started_at=time.time(),
+    )
     begin = time.perf_counter()
     yield manifest
     manifest.seconds = round(time.perf_counter() - begin, 3)
@@ -146,22 +197,20 @@ def stage_run(run: RunDir, stage: str, config_hash: str) -> Iterator[StageManife
 
 def execute(
     run: RunDir,
-    stage: str,
-    config_hash: str,
+    fp: Fingerprint,
     body: Callable[[StageManifest], None],
     *,
     force: bool = False,
 ) -> StageManifest | None:
-    """Run `body` as `stage` unless it is complete for this config (None then); print a summary.
-
-    `force` discards the stage's earlier output first.
-    """
+    """Run `body` as stage `fp.stage` unless it is done for this fingerprint (None then); print
+    a summary. `force` deletes the stage's earlier output first (stale output included)."""
+    stage = fp.stage
     if force:
         run.remove(stage)
-    elif stage_status(run, stage, config_hash) == "complete":
-        print(f"{stage}: complete for config {config_hash}, skipped")
+    elif stage_state(run, fp) == "done":
+        print(f"{stage}: complete for config {fp.config_hash}, skipped")
         return None
-    with stage_run(run, stage, config_hash) as manifest:
+    with stage_run(run, fp) as manifest:
         body(manifest)
     skips = f", {len(manifest.skipped)} skipped {manifest.skip_counts}" if manifest.skipped else ""
     print(

@@ -20,12 +20,11 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation import DeepLabV3
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
-from torchvision.ops import FrozenBatchNorm2d
 
 from maskdistill.backbones import to_model_input
 from maskdistill.data.base import IGNORE_INDEX, Dataset
-from maskdistill.detector import INITS, moco_state_dict
 from maskdistill.pseudolabels import decode_label_map
+from maskdistill.weights import INITS, freeze_batchnorm, load_moco
 
 BACKBONES = ("resnet50", "resnet18")
 OUTPUT_STRIDES = (8, 16)
@@ -62,7 +61,7 @@ def build_segmenter(
     body = IntermediateLayerGetter(resnet, return_layers={"layer4": "out"})
     _freeze_stages(body)
     if init == "moco":
-        _load_strict(body, moco_state_dict(str(init_path)), str(init_path))
+        load_moco(body, str(init_path))
     rates = tuple(rate * 16 // output_stride for rate in _ASPP_RATES_OS16)
     head = DeepLabHead(_FEATURE_CHANNELS[backbone], num_classes, atrous_rates=rates)
     return DeepLabV3(body, head, aux_classifier=None)
@@ -118,29 +117,8 @@ def _dilate_stage(stage: nn.Module, dilation: int) -> None:
 def _freeze_stages(body: nn.Module) -> None:
     """Sec 4.1: no gradient for the stem and layer1; their BatchNorms become FrozenBatchNorm2d."""
     for name in FROZEN_STAGES:
-        stage = getattr(body, name)
-        for param in stage.parameters():
-            param.requires_grad_(False)
-        setattr(body, name, _frozen_batchnorm(stage))
-
-
-def _frozen_batchnorm(module: nn.Module) -> nn.Module:
-    """`module` with each BatchNorm2d in it replaced by a FrozenBatchNorm2d of the same state."""
-    if isinstance(module, nn.BatchNorm2d):
-        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
-        frozen.load_state_dict(module.state_dict())
-        return frozen
-    for name, child in module.named_children():
-        setattr(module, name, _frozen_batchnorm(child))
-    return module
-
-
-def _load_strict(body: nn.Module, state: Mapping[str, Tensor], uri: str) -> None:
-    """Load every tensor of the ResNet body from `state`; ValueError naming `uri` otherwise."""
-    try:
-        body.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{uri}: weights do not match the ResNet body: {err}") from err
+        getattr(body, name).requires_grad_(False)
+    freeze_batchnorm(body)
 
 
 def hard_pixel_loss(

@@ -15,21 +15,6 @@ import pyarrow.parquet as pq
 
 from maskdistill.rundir import RunDir
 
-# One mined object mask per image (Sec 3.2); `cluster` is filled by the clustering stage.
-MASK_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("mask_rle", pa.string()),  # COCO RLE counts of a [height, width] mask
-        ("bbox", pa.list_(pa.int32(), 4)),  # x0, y0, x1, y1 in pixel edges
-        ("score", pa.float32()),
-        ("seed_patch", pa.list_(pa.int32(), 2)),  # (row, col) on the patch grid
-        ("seed_box", pa.list_(pa.int32(), 4)),  # that patch on the image, x0, y0, x1, y1
-        ("feature", pa.list_(pa.float32())),
-    ]
-)
-
 
 def split_name(split: str) -> str:
     """A split's name in the run directory; an image folder's root split ('') is `images`."""
@@ -65,7 +50,7 @@ def write_shard(
     shard: int,
     rows: Sequence[dict[str, object]],
     skipped: Sequence[dict[str, str]],
-    schema: pa.Schema = MASK_SCHEMA,
+    schema: pa.Schema,
 ) -> None:
     """Write the shard's skip list, then its rows (by image_id): the part that marks it done."""
     run.write_json(list(skipped), folder, f"{part_name(shard)}.skipped.json")
@@ -78,7 +63,7 @@ def write_shard(
 def read_parts(
     run: RunDir,
     folder: str,
-    schema: pa.Schema = MASK_SCHEMA,
+    schema: pa.Schema,
     columns: Sequence[str] | None = None,
 ) -> pa.Table:
     """All finished parts of `folder` as one table, in shard order (only `columns` if given)."""

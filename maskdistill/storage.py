@@ -36,18 +36,14 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def append_bytes(uri: str, data: bytes) -> None:
-    """Append to a file (created when missing); object stores have no append, so rewrite there."""
+    """Append to a local file (created when missing). Object stores have no append and a rewrite
+    grows with the square of the file: write a new object per chunk there instead."""
     filesystem, path = resolve(uri)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "ab") as f:
-            f.write(data)
-        return
-    try:
-        old = read_bytes(uri)
-    except FileNotFoundError:
-        old = b""
-    write_bytes(uri, old + data)
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        raise ValueError(f"{uri}: cannot append on {filesystem.type_name}; write parts instead")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "ab") as f:
+        f.write(data)
 
 
 def list_files(uri: str) -> list[str]:
@@ -72,3 +68,18 @@ def list_tree(uri: str) -> set[str]:
 def delete_file(uri: str) -> None:
     filesystem, path = resolve(uri)
     filesystem.delete_file(path)
+
+
+def move_tree(src_uri: str, dst_uri: str) -> None:
+    """Move the folder `src_uri` to `dst_uri` (a rename where the filesystem has one; object
+    stores copy each file, then delete the source)."""
+    filesystem, src = resolve(src_uri)
+    _, dst = resolve(dst_uri)
+    filesystem.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        filesystem.move(src, dst)
+        return
+    for relative in sorted(list_tree(src_uri)):
+        filesystem.create_dir(f"{dst}/{relative}".rsplit("/", 1)[0], recursive=True)
+        filesystem.copy_file(f"{src}/{relative}", f"{dst}/{relative}")
+    filesystem.delete_dir(src)

@@ -32,11 +32,12 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
-from jobs.common import connect
 from maskdistill import storage
 from maskdistill.config import ConfigError, ServeConfig, apply_override, validate_config
-from maskdistill.inference import SEGMENTER_STAGE, Segmenter
+from maskdistill.inference import Segmenter
+from maskdistill.outputs import MODEL_FILE, has_weights
 from maskdistill.rundir import RunDir
+from maskdistill.stages import SEGMENTER
 from serve.codec import ApiError, Format, class_list, class_table, label_png, overlay_png
 from serve.codec import read_image as decode_upload
 from serve.upload import IMAGE_FIELD, image_bytes
@@ -223,8 +224,8 @@ def serve_config(
     raw = run.read_config().model_dump(mode="json")
     raw["serve"].update(overrides or {})
     config = validate_config(raw, source=f"{run.uri_of('config.yaml')} with serve overrides")
-    if not run.exists(SEGMENTER_STAGE, "model.pt"):
-        raise FileNotFoundError(f"{run.uri_of(SEGMENTER_STAGE, 'model.pt')}: no trained segmenter")
+    if not has_weights(run, SEGMENTER):
+        raise FileNotFoundError(f"{run.uri_of(SEGMENTER, MODEL_FILE)}: no trained segmenter")
     return run.uri, config.serve
 
 
@@ -311,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    connect()
+    if not ray.is_initialized():  # RAY_ADDRESS joins a cluster; else Ray starts in-process
+        ray.init()
     url = run_app(run_uri, config)
     print(f"serving {args.run_dir} at {url} (docs: {url}/docs); Ctrl-C stops", flush=True)
     try:

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from maskdistill.detector import MOCO_PREFIX
+from maskdistill.weights import MOCO_PREFIX
 
 
 def moco_release_state(seed: int) -> dict[str, torch.Tensor]:

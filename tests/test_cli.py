@@ -73,6 +73,9 @@ def test_data_stage_counts_planted_bad_files(tmp_path: Path) -> None:
 def test_bad_config_exits_2_naming_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["data", *_tiny(tmp_path), "--set", "mining.top_k=3"]) == 2
+    with pytest.raises(SystemExit) as stopped:
+        main(["data", *_tiny(tmp_path), "--set", "mining.top_k=3"])
+    assert stopped.value.code == 2
     assert "mining.top_k = 3" in capsys.readouterr().err
+    assert main(["config", "--set", "mining.top_k=3"]) == 2
     assert not (tmp_path / "config.yaml").exists()

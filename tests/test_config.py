@@ -101,18 +101,35 @@ def test_malformed_override() -> None:
         apply_override(raw, "mining.top_k=0.2")
 
 
-def test_yaml_round_trip_and_hash() -> None:
+def test_yaml_round_trip() -> None:
     config = load_config(None, ["mining.top_k=0.3"])
     again = ExperimentConfig.model_validate(yaml.safe_load(config.to_yaml()))
     assert again == config
-    assert again.section_hash("mining") == config.section_hash("mining")
-    other = load_config(None, ["mining.top_k=0.35"])
-    assert other.section_hash("mining") != config.section_hash("mining")
-    assert other.section_hash("data") == config.section_hash("data")
 
 
-def test_hash_of_dotted_keys() -> None:
-    base = load_config()
-    other = load_config(None, ["clustering.n_init=3"])
-    assert base.section_hash("clustering.feature") == other.section_hash("clustering.feature")
-    assert base.section_hash("clustering") != other.section_hash("clustering")
+def test_science_is_the_flat_values_without_resources() -> None:
+    config = load_config(None, ["mining.top_k=0.3", "mining.resources.concurrency=8"])
+    science = config.science("mining", "clustering.feature")
+    assert science["mining.top_k"] == 0.3 and science["clustering.feature"] == "crop"
+    assert science["mining.cls_heads"] is None and science["mining.shard_size"] == 1000
+    assert not [key for key in science if "resources" in key]
+    assert set(science) == {
+        "mining.top_k",
+        "mining.cls_heads",
+        "mining.seed_component",
+        "mining.short_side",
+        "mining.shard_size",
+        "mining.precision",
+        "clustering.feature",
+    }
+
+
+def test_a_moved_resource_key_says_where_it_went() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"detector.num_workers: unknown key \(did you mean "
+        r"'resources.num_workers'\?\)",
+    ):
+        load_config(None, ["detector.num_workers=2"])
+    with pytest.raises(ConfigError, match="multiple of resources.num_workers=3"):
+        load_config(None, ["detector.resources.num_workers=3"])

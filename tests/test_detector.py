@@ -13,7 +13,6 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from maskdistill.data.synthetic import SyntheticScenes
 from maskdistill.detector import (
-    MOCO_PREFIX,
     Candidates,
     MaskTargets,
     build_detector,
@@ -23,6 +22,7 @@ from maskdistill.detector import (
     total_loss,
 )
 from maskdistill.masks import decode_rle, encode_rle, mask_to_box
+from maskdistill.weights import MOCO_PREFIX
 from tests.moco import moco_release_state, save_moco
 
 SIZE = (96, 128)

@@ -1,14 +1,21 @@
+import math
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from maskdistill import engine
 from maskdistill.config import LRSchedule
 from maskdistill.engine import (
     Checkpointer,
+    CurveWriter,
     MetricsLog,
     NonFiniteLoss,
     Prefetch,
+    Throughput,
     TrainSpec,
     batch_indices,
     build_scheduler,
@@ -63,7 +70,16 @@ class _FailOnce:
             raise _Boom(f"injected failure at iteration {iteration}")
 
 
-def _run(folder: Path, hooks: tuple = (), max_iters: int = 10) -> tuple[torch.nn.Module, list]:
+def _run(
+    folder: Path,
+    hooks: tuple = (),
+    max_iters: int = 10,
+    *,
+    checkpoint_every: int = 2,
+    log: MetricsLog | None = None,
+    **spec_fields: Any,
+) -> tuple[torch.nn.Module, list]:
+    """Train a linear model on 20 samples, 4 a batch; `spec_fields` go to the TrainSpec."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     data = torch.randn(20, 3, generator=torch.Generator().manual_seed(1))
@@ -83,12 +99,13 @@ def _run(folder: Path, hooks: tuple = (), max_iters: int = 10) -> tuple[torch.nn
 
     spec = TrainSpec(
         max_iters=max_iters,
-        checkpoint_every=2,
+        checkpoint_every=checkpoint_every,
         checkpoints=Checkpointer(str(folder / "checkpoints")),
-        log=MetricsLog(str(folder / "log.jsonl")),
+        log=log or MetricsLog(str(folder / "log.jsonl")),
         batch_at=batch_at,
         losses=losses,
         hooks=hooks,
+        **spec_fields,
     )
     train(model, optimizer, scheduler, spec)
     return model, spec.log.read() if spec.log else []
@@ -170,3 +187,190 @@ def test_prefetch_reads_ahead_but_never_past_the_end() -> None:
     assert unbounded(5) == 50
     unbounded.pool.shutdown(wait=True)
     assert sorted(asked[4:]) == [5, 6, 7]
+
+
+def _steps(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in log if "event" not in r]
+
+
+def test_reports_come_every_log_every_iterations_with_losses_lr_and_speed(tmp_path: Path) -> None:
+    reports: list[dict[str, float]] = []
+    _, log = _run(tmp_path, log_every=3, images_per_iter=4, report=reports.append)
+    assert [r["iteration"] for r in reports] == [2, 5, 8]
+    logged = {r["iteration"]: r for r in log}
+    for report in reports:
+        it = int(report["iteration"])
+        assert set(report) == {"iteration", "mse", "loss", "lr", "images_per_s"}
+        assert report["lr"] == pytest.approx(scaled_lr(SCHEDULE, 4) * lr_factor(SCHEDULE, it))
+        assert report["lr"] == logged[it]["lr"]
+        assert report["mse"] == report["loss"] == logged[it]["mse"]
+        assert 0 < report["images_per_s"] < math.inf
+
+
+def test_a_resumed_run_reports_at_the_same_iterations(tmp_path: Path) -> None:
+    reports: list[dict[str, float]] = []
+    hook = _FailOnce(5, tmp_path / "marker")
+    fields: dict[str, Any] = {"log_every": 3, "images_per_iter": 4, "report": reports.append}
+    with pytest.raises(_Boom):
+        _run(tmp_path, (hook,), **fields)
+    _run(tmp_path, (hook,), **fields)
+    assert [r["iteration"] for r in reports] == [2, 5, 8], "resumed at 4: 5 and 8 follow"
+
+
+def test_throughput_counts_global_images_since_the_last_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = iter([10.0, 12.0, 13.0])
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
+    throughput = Throughput(4, images_per_iter=8)  # resumed at 4: counts from there
+    assert throughput(6) == pytest.approx(2 * 8 / 2.0)
+    assert throughput(9) == pytest.approx(3 * 8 / 1.0)
+
+
+def _part_files(folder: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Name -> (bytes, mtime, inode) of each part: a rewritten part changes all three."""
+    return {
+        p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino)
+        for p in sorted(folder.iterdir())
+    }
+
+
+def _parts_log(tmp_path: Path, *chunks: range) -> MetricsLog:
+    log = MetricsLog(str(tmp_path / "log.jsonl"), parts=True)
+    for chunk in chunks:
+        for it in chunk:
+            log.add({"iteration": it, "loss": float(it)})
+        log.flush()
+    return log
+
+
+def test_the_log_is_one_file_locally_and_parts_on_object_stores(tmp_path: Path) -> None:
+    assert MetricsLog("s3://bucket/run/detector/log.jsonl").parts
+    assert MetricsLog("gs://bucket/run/detector/log.jsonl").parts
+    assert not MetricsLog(str(tmp_path / "log.jsonl")).parts
+    assert not MetricsLog(f"file://{tmp_path}/log.jsonl").parts
+    local = MetricsLog(str(tmp_path / "log.jsonl"))
+    for it in range(3):
+        local.add({"iteration": it})
+        local.flush()
+    assert [r["iteration"] for r in local.read()] == [0, 1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["log.jsonl"], "appended, no parts"
+
+
+def test_each_flush_is_a_new_part_and_earlier_parts_are_never_rewritten(tmp_path: Path) -> None:
+    log = _parts_log(tmp_path, range(0, 3))
+    parts = tmp_path / "log.jsonl.parts"
+    first = _part_files(parts)
+    assert [name[:8] for name in first] == ["00000000"]
+    log.add({"iteration": 3, "loss": 3.0})
+    log.flush()
+    log.flush()  # nothing pending: no part
+    second = _part_files(parts)
+    assert [name[:8] for name in second] == ["00000000", "00000003"]
+    name = next(iter(first))
+    assert second[name] == first[name], "the first part is untouched"
+    assert not (tmp_path / "log.jsonl").exists()
+    assert [r["iteration"] for r in log.read()] == [0, 1, 2, 3]
+    assert [r["loss"] for r in log.read()] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_truncate_rewrites_only_the_straddling_part_and_deletes_later_ones(
+    tmp_path: Path,
+) -> None:
+    log = _parts_log(tmp_path, range(0, 3), range(3, 6), range(6, 9))
+    parts = tmp_path / "log.jsonl.parts"
+    before = _part_files(parts)
+    first, straddling, later = before
+    log.truncate(4)
+    after = _part_files(parts)
+    assert list(after) == [first, straddling], "the part from 6 is deleted whole"
+    assert after[first] == before[first], "parts before the cut are not rewritten"
+    assert after[straddling][2] != before[straddling][2], "the straddling one is"
+    assert [r["iteration"] for r in log.read()] == [0, 1, 2, 3]
+    log.truncate(3)
+    assert _part_files(parts) == {first: before[first]}, "a part starting at the cut goes whole"
+    assert [r["iteration"] for r in log.read()] == [0, 1, 2]
+
+
+def test_a_log_file_from_before_parts_is_read_and_truncated_with_them(tmp_path: Path) -> None:
+    old = MetricsLog(str(tmp_path / "log.jsonl"), parts=False)
+    for it in range(3):
+        old.add({"iteration": it})
+    old.flush()
+    log = _parts_log(tmp_path, range(3, 5))
+    assert [r["iteration"] for r in log.read()] == [0, 1, 2, 3, 4]
+    log.truncate(2)
+    assert [r["iteration"] for r in log.read()] == [0, 1]
+    assert not list((tmp_path / "log.jsonl.parts").iterdir())
+
+
+def test_a_run_logging_in_parts_resumes_cleanly(tmp_path: Path) -> None:
+    _, straight = _run(tmp_path / "straight")
+    hook = _FailOnce(5, tmp_path / "marker")
+    killed = tmp_path / "killed"
+
+    def log() -> MetricsLog:
+        return MetricsLog(str(killed / "log.jsonl"), parts=True)
+
+    with pytest.raises(_Boom):
+        _run(killed, hooks=(hook,), log=log(), log_every=1)
+    assert "00000004" in [p.name[:8] for p in (killed / "log.jsonl.parts").iterdir()]
+    _, resumed = _run(killed, hooks=(hook,), log=log(), log_every=1)
+    assert [r["iteration"] for r in _steps(resumed)] == list(range(10)), "iteration 4 once"
+    assert [r for r in resumed if "event" in r][0]["iteration"] == 4
+    assert [r["loss"] for r in _steps(resumed)] == pytest.approx(
+        [r["loss"] for r in _steps(straight)]
+    )
+    assert not (killed / "log.jsonl").exists()
+
+
+def _curve(folder: Path, tag: str) -> tuple[list[int], list[float]]:
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    scalars = events.Scalars(tag)
+    return [e.step for e in scalars], [e.value for e in scalars]
+
+
+def test_curves_hold_the_logged_losses_every_log_every_iterations(tmp_path: Path) -> None:
+    curves = CurveWriter(str(tmp_path / "tensorboard"))
+    _, log = _run(tmp_path, max_iters=30, log_every=5, images_per_iter=4, curves=curves)
+    logged = {r["iteration"]: r for r in log}
+    steps, losses = _curve(tmp_path / "tensorboard", "loss")
+    assert steps == [4, 9, 14, 19, 24, 29]
+    assert losses == pytest.approx([logged[s]["loss"] for s in steps], rel=1e-6)
+    assert _curve(tmp_path / "tensorboard", "mse")[1] == pytest.approx(losses, rel=1e-6)
+    lr_steps, lrs = _curve(tmp_path / "tensorboard", "lr")
+    assert lrs == pytest.approx([logged[s]["lr"] for s in lr_steps], rel=1e-6)
+    speed_steps, speeds = _curve(tmp_path / "tensorboard", "images_per_s")
+    assert speed_steps == steps and all(0 < v < math.inf for v in speeds)
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 1, "one event file, flushed"
+
+
+def test_curves_on_an_object_store_upload_each_flush_once_and_survive_a_resume(
+    tmp_path: Path,
+) -> None:
+    _, straight = _run(tmp_path / "straight", max_iters=30, checkpoint_every=8, log_every=5)
+    folder = tmp_path / "killed" / "tensorboard"
+    hook = _FailOnce(22, tmp_path / "marker")
+    fields: dict[str, Any] = {"max_iters": 30, "checkpoint_every": 8, "log_every": 5}
+    with pytest.raises(_Boom):  # reported 4, 9, 14, 19; resumes at 16, so 19 comes again
+        _run(tmp_path / "killed", (hook,), curves=CurveWriter(str(folder), parts=True), **fields)
+    first = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert len(first) == 4, "a fresh event file for each flush with new points"
+    _run(tmp_path / "killed", (hook,), curves=CurveWriter(str(folder), parts=True), **fields)
+    files = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert len(files) == 7 and {n: files[n] for n in first} == first, "none re-uploaded"
+    steps, losses = _curve(folder, "loss")
+    assert steps == [4, 9, 14, 19, 24, 29], "the first attempt's 19 is purged"
+    expected = {r["iteration"]: r["loss"] for r in straight}
+    assert losses == pytest.approx([expected[s] for s in steps], rel=1e-6)
+
+
+def test_without_tensorboard_curves_warn_once_and_write_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises
+    curves = CurveWriter(str(tmp_path / "tensorboard"))
+    _run(tmp_path, log_every=2, curves=curves)
+    assert capsys.readouterr().out.count("warning:") == 1
+    assert not (tmp_path / "tensorboard").exists()

@@ -10,16 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from maskdistill.backbones import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PRETRAINED,
-    backbone_weights,
-    build_backbone,
-)
+from maskdistill.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from maskdistill.config import ConfigError, PretrainConfig, load_config
 from maskdistill.data.synthetic import SyntheticScenes
 from maskdistill.engine import Checkpointer, MetricsLog, TrainSpec, batch_indices, train
+from maskdistill.outputs import backbone_weights
 from maskdistill.pretrain import (
     DINO,
     MultiCrop,
@@ -39,6 +34,7 @@ from maskdistill.pretrain import (
     multi_crop_batch,
     teacher_backbone,
 )
+from maskdistill.stages import PRETRAINED
 
 ARCH = "test_vit"  # timm's tiny ViT: patch 16, 64 wide, 2 heads, 6 blocks
 TINY = PretrainConfig(
@@ -329,10 +325,10 @@ def test_pretrain_weights_resolve_to_the_runs_own_backbone(tmp_path: Path) -> No
     [
         ("pretrain.warmup_epochs=20", "warmup_epochs=20 must be <= epochs=10"),
         ("pretrain.local_crop_scale=[0.5, 0.1]", "local_crop_scale"),
-        ("pretrain.batch_size=6", "multiple of num_workers=4"),
+        ("pretrain.batch_size=6", "multiple of resources.num_workers=4"),
     ],
 )
 def test_bad_pretrain_settings_are_named(override: str, message: str) -> None:
-    base = ["pretrain.epochs=10", "pretrain.num_workers=4", "pretrain.batch_size=8"]
+    base = ["pretrain.epochs=10", "pretrain.resources.num_workers=4", "pretrain.batch_size=8"]
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(None, [*base, override])

@@ -16,7 +16,6 @@ from torchvision.ops import FrozenBatchNorm2d
 from maskdistill.backbones import IMAGENET_MEAN, IMAGENET_STD
 from maskdistill.data.base import IGNORE_INDEX
 from maskdistill.data.synthetic import SyntheticScenes
-from maskdistill.detector import MOCO_PREFIX
 from maskdistill.pseudolabels import encode_label_map
 from maskdistill.segmenter import (
     FROZEN_STAGES,
@@ -26,6 +25,7 @@ from maskdistill.segmenter import (
     predict_segmentation,
     segmenter_losses,
 )
+from maskdistill.weights import MOCO_PREFIX
 from tests.moco import moco_release_state, save_moco
 
 SIZE = 64

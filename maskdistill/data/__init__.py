@@ -21,8 +21,20 @@ __all__ = [
     "Skipped",
     "UnreadableImage",
     "build_dataset",
+    "dataset_of",
     "iter_samples",
 ]
+
+
+_BUILT: dict[tuple[str, str], Dataset] = {}
+
+
+def dataset_of(config: DataConfig, split: str) -> Dataset:
+    """`build_dataset`, once per process for each config and split (workers reuse it)."""
+    key = (config.model_dump_json(), split)
+    if key not in _BUILT:
+        _BUILT[key] = build_dataset(config, split)
+    return _BUILT[key]
 
 
 def build_dataset(config: DataConfig, split: str) -> Dataset:

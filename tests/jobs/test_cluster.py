@@ -7,8 +7,9 @@ import pytest
 from jobs import cluster, mine
 from maskdistill.clustering import assign, fit_kmeans
 from maskdistill.config import ExperimentConfig
+from maskdistill.outputs import features_of, read_mined
 from maskdistill.rundir import RunDir, read_manifest
-from maskdistill.shards import read_parts
+from maskdistill.stages import fingerprint
 from tests.jobs.conftest import image_folder, tiny_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -30,7 +31,7 @@ def test_every_mined_mask_gets_a_cluster(mined: ExperimentConfig) -> None:
         assert table.num_rows == count
         assert (
             table.column("image_id").to_pylist()
-            == read_parts(run, f"mine/{split}").column("image_id").to_pylist()
+            == read_mined(run, split).column("image_id").to_pylist()
         )
         assert set(table.column("cluster").to_pylist()) <= {0, 1, 2}
     sizes = [manifest.metrics[f"size_{k}"] for k in range(3)]
@@ -40,8 +41,8 @@ def test_every_mined_mask_gets_a_cluster(mined: ExperimentConfig) -> None:
 def test_clusters_follow_the_kmeans_of_the_features(mined: ExperimentConfig) -> None:
     cluster.run_stage(mined, force=True)
     run = RunDir(mined.run_dir)
-    train = cluster.features_of(read_parts(run, "mine/train"))
-    val = cluster.features_of(read_parts(run, "mine/val"))
+    train = features_of(read_mined(run, "train"))
+    val = features_of(read_mined(run, "val"))
     expected = fit_kmeans(train, 3, n_init=2, seed=0)
     written = pq.read_table(Path(mined.run_dir) / "cluster" / "train.parquet")
     np.testing.assert_array_equal(written.column("cluster").to_numpy(), expected.labels)
@@ -72,7 +73,9 @@ def test_config_change_upstream_reruns_clustering(mined: ExperimentConfig) -> No
     changed = mined.model_copy(
         update={"clustering": mined.clustering.model_copy(update={"seed": 5})}
     )
-    assert cluster.config_hash(changed) != cluster.config_hash(mined)
+    assert fingerprint(changed, "cluster") != fingerprint(mined, "cluster")
     assert cluster.run_stage(changed) is not None
     manifest = read_manifest(RunDir(mined.run_dir), "cluster")
-    assert manifest is not None and manifest.config_hash == cluster.config_hash(changed)
+    assert (
+        manifest is not None and manifest.config_hash == fingerprint(changed, "cluster").config_hash
+    )

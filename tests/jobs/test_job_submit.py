@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.pipeline import STAGES
 from maskdistill.rundir import RunDir, read_manifest
+from maskdistill.stages import NAMES as STAGES
 from tests.jobs.conftest import TINY
 from tests.jobs.test_train_detector import DETECTOR
 from tests.jobs.test_train_segmenter import SEGMENTER
@@ -34,7 +34,13 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "cluster" / "local_cluster.py"
 # What the working-dir upload leaves out; Ray also honours .gitignore, this holds without it.
 EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", "*.egg-info", ".*_cache"]
-OVERRIDES = (*TINY, *DETECTOR, *SEGMENTER, "detector.num_workers=1", "segmenter.num_workers=1")
+OVERRIDES = (
+    *TINY,
+    *DETECTOR,
+    *SEGMENTER,
+    "detector.resources.num_workers=1",
+    "segmenter.resources.num_workers=1",
+)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ from PIL import Image
 
 from jobs import mine, sharded
 from maskdistill.masks import decode_rle, mask_to_box
-from maskdistill.rundir import RunDir, read_manifest
-from maskdistill.shards import read_parts
+from maskdistill.outputs import read_mined
+from maskdistill.rundir import RunDir, read_manifest, stage_state
+from maskdistill.stages import fingerprint
 from tests.jobs.conftest import image_folder, tiny_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -53,7 +54,7 @@ def test_one_row_per_readable_image_and_skips_counted(tmp_path: Path) -> None:
         "part-00001.parquet",
         "part-00002.parquet",
     ]
-    rows = read_parts(RunDir(str(tmp_path / "run")), "mine/images").to_pylist()
+    rows = read_mined(RunDir(str(tmp_path / "run")), "").to_pylist()
     assert sorted(r["image_id"] for r in rows) == sorted(
         f"{'sub/' if i % 2 else ''}good_{i}.png" for i in range(7)
     )
@@ -68,10 +69,10 @@ def test_one_row_per_readable_image_and_skips_counted(tmp_path: Path) -> None:
         assert 0 < row["score"] <= 1
 
 
-def test_a_rerun_after_a_crash_mines_only_unfinished_shards(
+def test_a_rerun_after_a_crash_with_more_actors_mines_only_unfinished_shards(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = tiny_config(tmp_path, "data.val_split=null")
+    config = tiny_config(tmp_path, "data.val_split=null", "mining.resources.num_cpus=1")
     written: list[int] = []
     real_write = sharded.write_shard
 
@@ -90,14 +91,22 @@ def test_a_rerun_after_a_crash_mines_only_unfinished_shards(
     before = (finished.stat().st_mtime_ns, finished.read_bytes())
 
     monkeypatch.setattr(sharded, "write_shard", real_write)
-    manifest = mine.run_stage(config)
+    more = tiny_config(  # resources are not science: the same run, on more and smaller actors
+        tmp_path,
+        "data.val_split=null",
+        "mining.resources.concurrency=2",
+        "mining.resources.num_cpus=0.5",
+        "mining.resources.batch_size=2",
+    )
+    assert stage_state(run, fingerprint(more, "mine")) == "partial"
+    manifest = mine.run_stage(more)
     assert manifest is not None
     assert manifest.metrics == {"train_shards": 3, "train_shards_reused": 1}
     assert (finished.stat().st_mtime_ns, finished.read_bytes()) == before
-    ids = read_parts(run, "mine/train").column("image_id").to_pylist()
+    ids = read_mined(run, "train").column("image_id").to_pylist()
     assert sorted(ids) == [f"train_{i:06d}" for i in range(12)]
 
-    assert mine.run_stage(config) is None, "a complete stage is skipped"
+    assert mine.run_stage(config) is None, "a complete stage is skipped, whatever its resources"
 
 
 def test_preview_draws_a_tile_per_image(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from jobs import pipeline
+from maskdistill import cli
 from maskdistill.rundir import RunDir, read_manifest
 from tests.jobs.conftest import DEMO, TINY
 from tests.jobs.test_train_detector import DETECTOR
@@ -14,10 +15,28 @@ OVERRIDES = (
     *TINY,
     *DETECTOR,
     *SEGMENTER,
-    "detector.num_workers=1",
-    "segmenter.num_workers=1",
-    "evaluation.num_gpus=0",
+    "detector.resources.num_workers=1",
+    "segmenter.resources.num_workers=1",
+    "evaluation.resources.num_gpus=0",
     "evaluation.linear_probe=false",
+)
+
+
+# Every resource setting of the stages above, changed: a rerun reuses every stage.
+OTHER_RESOURCES = (
+    "mining.resources.concurrency=2",
+    "mining.resources.num_cpus=0.5",
+    "mining.resources.batch_size=2",
+    "detector.resources.num_workers=2",
+    "detector.resources.loader_threads=3",
+    "detector.resources.max_failures=5",
+    "detector.resources.log_every=1",
+    "pseudo_labels.resources.concurrency=2",
+    "pseudo_labels.resources.batch_size=1",
+    "segmenter.resources.num_workers=2",
+    "segmenter.resources.cpus_per_worker=0.5",
+    "evaluation.resources.batch_size=1",
+    "evaluation.resources.num_cpus=0.5",
 )
 
 
@@ -38,12 +57,18 @@ def test_pipeline_runs_every_stage_then_reuses_them_and_reruns_from_a_stage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert pipeline.main(_args(tmp_path)) == 0
-    stages = [s for s in pipeline.STAGES if s != "pretrain"]  # off: backbone.weights is random
+    stages = [s for s in pipeline.NAMES if s != "pretrain"]  # off: backbone.weights is random
     assert _stage_lines(capsys.readouterr().out) == dict.fromkeys(stages, "ran")
     assert (tmp_path / "config.yaml").exists()
     assert (tmp_path / "evaluate" / "metrics.json").exists()
     assert pipeline.main(_args(tmp_path)) == 0
     assert _stage_lines(capsys.readouterr().out) == dict.fromkeys(stages, "reused")
+    resized = [arg for item in OTHER_RESOURCES for arg in ("--set", item)]
+    assert pipeline.main(_args(tmp_path, *resized)) == 0
+    assert _stage_lines(capsys.readouterr().out) == dict.fromkeys(stages, "reused")
+    assert cli.main(["status", str(tmp_path), "--set", "mining.top_k=0.3"]) == 0
+    states = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert states == {"data": "done", **dict.fromkeys(stages[1:], "stale")}
     run = RunDir(str(tmp_path))
     cluster_started = read_manifest(run, "cluster").started_at  # type: ignore[union-attr]
     assert pipeline.main(_args(tmp_path, "--from", "segmenter")) == 0

@@ -3,12 +3,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import mine, pretrain
-from maskdistill.backbones import PRETRAINED_BACKBONE, backbone_weights, build_backbone
+from jobs import pretrain
+from maskdistill.backbones import build_backbone
 from maskdistill.config import ExperimentConfig
 from maskdistill.engine import Checkpointer
+from maskdistill.outputs import PRETRAINED_BACKBONE, backbone_weights
 from maskdistill.pretrain import build_dino, teacher_backbone
 from maskdistill.rundir import RunDir
+from maskdistill.stages import pretrain_wanted, stage_hashes
 from tests.jobs.conftest import tiny_config
 from tests.jobs.training import fail_once_then_resume
 
@@ -29,11 +31,11 @@ PRETRAIN = (
     "pretrain.hidden_dim=32",
     "pretrain.bottleneck_dim=16",
     "pretrain.checkpoint_every_epochs=1",
-    "pretrain.num_workers=2",
-    "pretrain.cpus_per_worker=1",
-    "pretrain.use_gpu=false",
-    "pretrain.loader_threads=1",
-    "pretrain.max_failures=1",
+    "pretrain.resources.num_workers=2",
+    "pretrain.resources.cpus_per_worker=1",
+    "pretrain.resources.use_gpu=false",
+    "pretrain.resources.loader_threads=1",
+    "pretrain.resources.max_failures=1",
     "pretrain.attention_images=2",
 )
 
@@ -75,12 +77,15 @@ def test_mining_reruns_when_the_pretrained_backbone_changes(config: ExperimentCo
     longer = config.model_copy(
         update={"pretrain": config.pretrain.model_copy(update={"epochs": 4})}
     )
-    assert pretrain.config_hash(longer) != pretrain.config_hash(config)
-    assert mine.config_hash(longer) != mine.config_hash(config)
+    hashes, changed = stage_hashes(config), stage_hashes(longer)
+    assert list(hashes)[:3] == ["data", "pretrain", "mine"]
+    assert changed["pretrain"] != hashes["pretrain"] and changed["mine"] != hashes["mine"]
+    assert changed["data"] == hashes["data"]
     random = config.model_copy(
         update={"backbone": config.backbone.model_copy(update={"weights": "random"})}
     )
-    assert not pretrain.wanted(random) and pretrain.wanted(config)
-    assert mine.config_hash(random.model_copy(update={"pretrain": longer.pretrain})) == (
-        mine.config_hash(random)
+    assert not pretrain_wanted(random) and pretrain_wanted(config)
+    assert "pretrain" not in stage_hashes(random)
+    assert stage_hashes(random.model_copy(update={"pretrain": longer.pretrain})) == (
+        stage_hashes(random)
     ), "without weights=pretrain, pretraining settings do not touch mining"

@@ -1,13 +1,16 @@
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from jobs import cluster, distill, mine, train_detector
 from maskdistill.config import ExperimentConfig
-from maskdistill.engine import lr_factor, scaled_lr
+from maskdistill.engine import MetricsLog, lr_factor, scaled_lr
+from maskdistill.outputs import read_pseudo
 from maskdistill.pseudolabels import decode_label_map
-from maskdistill.rundir import RunDir, read_manifest
-from maskdistill.shards import read_parts
+from maskdistill.rundir import RunDir, read_manifest, stage_state
+from maskdistill.stages import fingerprint
 from tests.jobs.conftest import tiny_config
 from tests.jobs.training import fail_once_then_resume
 
@@ -25,16 +28,16 @@ DETECTOR = (
     "detector.roi_batch_size=32",
     "detector.detections_per_image=10",
     "detector.batch_size=2",
-    "detector.num_workers=2",
-    "detector.cpus_per_worker=1",
-    "detector.use_gpu=false",
+    "detector.resources.num_workers=2",
+    "detector.resources.cpus_per_worker=1",
+    "detector.resources.use_gpu=false",
     "detector.max_iters=6",
     "detector.checkpoint_every=2",
-    "detector.max_failures=1",
-    "detector.loader_threads=1",
+    "detector.resources.max_failures=1",
+    "detector.resources.loader_threads=1",
     "detector.schedule={base_lr: 0.004, reference_batch: 2, warmup_iters: 2, milestones: [5]}",
-    "pseudo_labels.num_gpus=0",
-    "pseudo_labels.batch_size=4",
+    "pseudo_labels.resources.num_gpus=0",
+    "pseudo_labels.resources.batch_size=4",
     "pseudo_labels.tau=0.5",
 )
 
@@ -64,6 +67,36 @@ def test_failed_worker_group_resumes_at_the_same_iteration_and_lr(
     assert train_detector.run_stage(clustered) is None, "complete: skipped"
 
 
+def _stop_at(iteration: int) -> Callable[[int], None]:
+    def hook(at: int) -> None:
+        if at == iteration:
+            raise RuntimeError(f"stopped at iteration {iteration}")
+
+    return hook
+
+
+def test_a_stopped_run_resumes_on_another_worker_count_at_the_same_iteration_and_lr(
+    clustered: ExperimentConfig, tmp_path: Path
+) -> None:
+    for stage in ("mine", "cluster"):  # the same finished upstream stages, in a run of its own
+        shutil.copytree(Path(clustered.run_dir) / stage, tmp_path / stage)
+    two = clustered.model_copy(update={"run_dir": str(tmp_path)}, deep=True)
+    two.detector.resources.max_failures = 0
+    with pytest.raises(Exception, match="stopped at iteration 3"):  # after the checkpoint at 2
+        train_detector.run_stage(two, hooks=[_stop_at(3)])
+    one = two.model_copy(deep=True)
+    one.detector.resources.num_workers = 1
+    assert stage_state(RunDir(str(tmp_path)), fingerprint(one, "detector")) == "partial"
+    assert train_detector.run_stage(one) is not None
+    log = MetricsLog(str(tmp_path / "detector" / "log.jsonl")).read()
+    assert [r["iteration"] for r in log if r.get("event") == "resumed"] == [2]
+    steps = [r for r in log if "event" not in r]
+    assert [r["iteration"] for r in steps] == list(range(6))
+    schedule = clustered.detector.schedule
+    expected = [scaled_lr(schedule, 2) * lr_factor(schedule, i) for i in range(6)]
+    assert [r["lr"] for r in steps] == pytest.approx(expected), "global batch 2 on 2 or 1 workers"
+
+
 def test_distill_writes_one_pseudo_label_row_per_image(clustered: ExperimentConfig) -> None:
     if read_manifest(RunDir(clustered.run_dir), "detector") is None:
         train_detector.run_stage(clustered)
@@ -71,7 +104,7 @@ def test_distill_writes_one_pseudo_label_row_per_image(clustered: ExperimentConf
     assert manifest is not None and manifest.outputs == 16
     run = RunDir(clustered.run_dir)
     for split, count in (("train", 12), ("val", 4)):
-        rows = read_parts(run, f"distill/{split}", distill.PSEUDO_SCHEMA).to_pylist()
+        rows = read_pseudo(run, split).to_pylist()
         assert sorted(r["image_id"] for r in rows) == [f"{split}_{i:06d}" for i in range(count)]
         for row in rows:
             label = decode_label_map(row["label_png"])

@@ -6,8 +6,10 @@ import pytest
 from PIL import Image
 
 from jobs import cluster, distill, evaluate, mine, train_detector, train_segmenter
+from maskdistill import evaluate as tables
 from maskdistill.config import ExperimentConfig
 from maskdistill.engine import lr_factor, scaled_lr
+from maskdistill.inference import Segmenter
 from maskdistill.rundir import RunDir, read_manifest
 from tests.jobs.conftest import tiny_config
 from tests.jobs.test_train_detector import DETECTOR
@@ -21,20 +23,20 @@ SEGMENTER = (
     "segmenter.init=none",
     "segmenter.crop_size=48",
     "segmenter.batch_size=4",
-    "segmenter.num_workers=2",
-    "segmenter.cpus_per_worker=1",
-    "segmenter.use_gpu=false",
+    "segmenter.resources.num_workers=2",
+    "segmenter.resources.cpus_per_worker=1",
+    "segmenter.resources.use_gpu=false",
     "segmenter.epochs=3",
     "segmenter.schedule={base_lr: 0.004, reference_batch: 4, milestones: [2]}",
-    "segmenter.loader_threads=1",
-    "segmenter.max_failures=1",
+    "segmenter.resources.loader_threads=1",
+    "segmenter.resources.max_failures=1",
 )
 
 
 EVALUATION = (
-    "evaluation.num_gpus=0",
-    "evaluation.num_cpus=1",
-    "evaluation.batch_size=3",
+    "evaluation.resources.num_gpus=0",
+    "evaluation.resources.num_cpus=1",
+    "evaluation.resources.batch_size=3",
     "evaluation.linear_probe=true",
     "evaluation.probe_epochs=2",
     "evaluation.probe_batch_size=4",
@@ -68,7 +70,7 @@ def test_segmenter_resumes_after_a_failure_with_the_same_lr(
     expected = [scaled_lr(schedule, 4) * lr_factor(schedule, i) for i in range(9)]
     assert [r["lr"] for r in steps] == pytest.approx(expected)
     assert all(r["loss_seg"] == r["loss_seg"] and r["loss_seg"] >= 0 for r in steps)
-    segmenter = train_segmenter.load_segmenter(distilled)
+    segmenter = Segmenter.from_run(distilled.run_dir, config=distilled)
     assert segmenter.class_names[0] == "background"
     image = np.zeros((37, 45, 3), dtype=np.uint8)
     (labels,) = segmenter.segment([image])
@@ -84,7 +86,7 @@ def test_evaluate_scores_every_stage_and_writes_tables_and_pictures(
     assert manifest is not None and manifest.outputs == 4 and not manifest.skipped
     run = RunDir(config.run_dir)
     metrics = json.loads(run.read_bytes("evaluate", "metrics.json"))
-    rows = (evaluate.MINED, evaluate.DETECTOR, evaluate.SEGMENTER, evaluate.CRF, evaluate.PROBE)
+    rows = (tables.MINED, tables.DETECTOR, tables.SEGMENTER, tables.CRF, tables.PROBE)
     for row in rows:
         assert 0.0 <= metrics[row]["miou"] <= 1.0
         assert len(metrics[row]["iou"]) == 1 + config.data.synthetic.num_classes
@@ -95,7 +97,7 @@ def test_evaluate_scores_every_stage_and_writes_tables_and_pictures(
         for kind in ("class-agnostic", "semantic")
     }
     names = run.read_json("evaluate", "class_names.json")["names"]
-    assert len(names) == len(metrics[evaluate.SEGMENTER]["mapping"]) and names[0]
+    assert len(names) == len(metrics[tables.SEGMENTER]["mapping"]) and names[0]
     for picture in ("confusion.png", "overlays.png"):
         assert Image.open(run.uri_of("evaluate", picture)).size[0] > 100
     table = run.read_bytes("evaluate", "table1.md").decode()

@@ -1,26 +1,30 @@
-"""The `data` stage: read every image of a split once, record sizes and skips, draw a preview."""
+"""Stage `data`: read every image of each split once, record sizes and skips, draw a preview.
+
+    python -m jobs.data --config configs/pascal.yaml [--preview 8]
+
+No Ray: one pass on the driver. Writes `run_dir/data/<split>.parquet` (one row per readable
+image, `maskdistill.outputs.INDEX_SCHEMA`), `data/preview_<split>.png` and the manifest, which
+counts every unreadable file with its reason.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from jobs.common import start
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import build_dataset
 from maskdistill.data.base import Dataset, Sample, UnreadableImage
+from maskdistill.outputs import INDEX_SCHEMA, index_path, write_table
 from maskdistill.rundir import RunDir, StageManifest, execute
+from maskdistill.stages import DATA, fingerprint
 from maskdistill.visualize import colorize, image_grid, png_bytes
 
-INDEX_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("num_instances", pa.int32()),
-    ]
-)
+STAGE = DATA
 
 
 def index_split(
@@ -48,11 +52,9 @@ def index_split(
         if len(shown) < preview:
             shown.append(sample)
     table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    run.write_bytes(sink.getvalue().to_pybytes(), "data", f"{split}.parquet")
+    write_table(run, table, *index_path(split))
     if shown:
-        run.write_bytes(png_bytes(preview_grid(shown)), "data", f"preview_{split}.png")
+        run.write_bytes(png_bytes(preview_grid(shown)), STAGE, f"preview_{split}.png")
     manifest.inputs += len(image_ids)
     manifest.outputs += table.num_rows
     return table
@@ -63,10 +65,6 @@ def preview_grid(samples: list[Sample], per_row: int = 4) -> np.ndarray:
     tiles = [[s.image] + ([] if s.semantic is None else [colorize(s.semantic)]) for s in samples]
     rows = [sum(tiles[i : i + per_row], []) for i in range(0, len(tiles), per_row)]
     return image_grid(rows)
-
-
-def config_hash(config: ExperimentConfig) -> str:
-    return config.section_hash("data")
 
 
 def run_stage(
@@ -81,4 +79,14 @@ def run_stage(
             index_split(build_dataset(data, split), split, run, manifest, preview=preview)
 
     run = RunDir(config.run_dir)
-    return execute(run, "data", config_hash(config), index_all, force=force)
+    return execute(run, fingerprint(config, STAGE), index_all, force=force)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, args = start(__doc__, argv, preview=True)
+    run_stage(config, preview=args.preview, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from jobs import evaluate
+from maskdistill import evaluate
 from maskdistill.config import DataConfig, ExperimentConfig
 from maskdistill.data.base import Dataset, Sample, UnreadableImage
 from maskdistill.masks import encode_rle
@@ -80,8 +80,8 @@ def test_linear_probe_is_scored_in_the_single_pass_over_val(
                 "data.synthetic.train_images=3",
                 "data.synthetic.val_images=4",
                 "data.synthetic.image_size=[32, 48]",
-                "evaluation.num_gpus=0",
-                "evaluation.batch_size=3",
+                "evaluation.resources.num_gpus=0",
+                "evaluation.resources.batch_size=3",
                 "evaluation.linear_probe=true",
                 "evaluation.probe_epochs=1",
                 "evaluation.mask_ap=false",
@@ -97,10 +97,11 @@ def test_linear_probe_is_scored_in_the_single_pass_over_val(
 
     no_rows = pa.table({"image_id": pa.array([], pa.string())})
     monkeypatch.setattr(evaluate, "dataset_of", counting)
-    monkeypatch.setattr(evaluate.cluster, "read_labeled", lambda *args: no_rows)
-    monkeypatch.setattr(evaluate.distill, "read_pseudo", lambda *args: no_rows)
+    monkeypatch.setattr(evaluate.outputs, "read_labeled", lambda *args: no_rows)
+    monkeypatch.setattr(evaluate.outputs, "read_pseudo", lambda *args: no_rows)
 
     metrics, findings, class_names = evaluate.evaluate_split(config)
+    assert list((tmp_path / "evaluate" / "tensorboard" / "probe").glob("events.out.tfevents.*"))
 
     assert loads["val"] == {f"val_{i:06d}": 1 for i in range(4)}  # decoded once, probe included
     assert loads["train"] == {f"train_{i:06d}": 1 for i in range(3)}

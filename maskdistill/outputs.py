@@ -1,0 +1,190 @@
+"""Where every stage's output lives under the run directory, its schema, and how to read it.
+
+The one place drivers, benchmarks, `predict` and the service learn the layout of a run
+(`maskdistill.stages` holds the names, order and hashes). Rows join by `image_id`.
+
+    data/<split>.parquet              INDEX_SCHEMA: every readable image's size
+    pretrain/backbone.pth             the teacher ViT in DINO's release format
+    mine/<split>/part-NNNNN.parquet   MASK_SCHEMA: one mined object per image (Sec 3.2)
+    cluster/<split>.parquet           LABELED_SCHEMA: the mined rows plus their cluster
+    cluster/kmeans.npz                centroids and feature transform
+    detector/model.pt                 {"model", "num_classes", "arch"}
+    distill/<split>/part-NNNNN.parquet  PSEUDO_SCHEMA: confident pseudo labels (Sec 3.3)
+    segmenter/model.pt                {"model", "num_classes"}
+    evaluate/class_names.json         the class each segmenter label was matched to
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from maskdistill.clustering import FeatureTransform, KMeansResult
+from maskdistill.config import ExperimentConfig
+from maskdistill.rundir import RunDir, read_manifest
+from maskdistill.shards import read_parts, split_folder, split_name
+from maskdistill.stages import CLUSTER, DATA, DISTILL, EVALUATE, MINE, PRETRAIN, pretrain_wanted
+
+MODEL_FILE = "model.pt"
+PRETRAINED_BACKBONE = (PRETRAIN, "backbone.pth")
+KMEANS = (CLUSTER, "kmeans.npz")
+CLASS_NAMES_FILE = (EVALUATE, "class_names.json")
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("num_instances", pa.int32()),
+    ]
+)
+# One mined object mask per image (Sec 3.2).
+MASK_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("mask_rle", pa.string()),  # COCO RLE counts of a [height, width] mask
+        ("bbox", pa.list_(pa.int32(), 4)),  # x0, y0, x1, y1 in pixel edges
+        ("score", pa.float32()),
+        ("seed_patch", pa.list_(pa.int32(), 2)),  # (row, col) on the patch grid
+        ("seed_box", pa.list_(pa.int32(), 4)),  # that patch on the image, x0, y0, x1, y1
+        ("feature", pa.list_(pa.float32())),
+    ]
+)
+LABELED_SCHEMA = MASK_SCHEMA.append(pa.field("cluster", pa.int32()))  # 0-based
+PSEUDO_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("label_png", pa.binary()),  # 0 background, 1 + cluster elsewhere
+        ("kept", pa.int32()),
+        ("best_score", pa.float32()),
+        ("candidate_rle", pa.list_(pa.string())),
+        ("candidate_bbox", pa.list_(pa.list_(pa.float32(), 4))),
+        ("candidate_score", pa.list_(pa.float32())),
+        ("candidate_class", pa.list_(pa.int32())),  # 0-based cluster ids
+    ]
+)
+
+
+def mined_splits(config: ExperimentConfig) -> list[str]:
+    """Train, val and the clustering support split, each mined (and distilled) once."""
+    data = config.data
+    names = (data.train_split, data.val_split, config.clustering.support_split)
+    return list(dict.fromkeys(s for s in names if s is not None))
+
+
+def index_path(split: str) -> tuple[str, str]:
+    return DATA, f"{split_name(split)}.parquet"
+
+
+def backbone_weights(config: ExperimentConfig) -> str:
+    """What mining loads: `backbone.weights`, or this run's pretrained backbone for 'pretrain'."""
+    if pretrain_wanted(config):
+        return RunDir(config.run_dir).uri_of(*PRETRAINED_BACKBONE)
+    return config.backbone.weights
+
+
+def mined_folder(split: str) -> str:
+    return split_folder(MINE, split)
+
+
+def read_mined(run: RunDir, split: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """A split's mined masks, in shard order (only `columns` if given)."""
+    return read_parts(run, mined_folder(split), MASK_SCHEMA, columns)
+
+
+def labeled_path(split: str) -> tuple[str, str]:
+    return CLUSTER, f"{split_name(split)}.parquet"
+
+
+def read_labeled(run: RunDir, split: str) -> pa.Table:
+    """A split's mined masks with their clusters."""
+    return pq.read_table(io.BytesIO(run.read_bytes(*labeled_path(split))))
+
+
+def write_table(run: RunDir, table: pa.Table, *parts: str) -> str:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return run.write_bytes(sink.getvalue(), *parts)
+
+
+def features_of(table: pa.Table) -> np.ndarray:
+    """float32 [N, D] features of a mined-mask table."""
+    column = table.column("feature").combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    width = len(column[0])
+    return column.values.to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32)
+
+
+def write_kmeans(run: RunDir, result: KMeansResult) -> str:
+    transform = result.transform
+    sink = io.BytesIO()
+    np.savez(
+        sink,
+        centroids=result.centroids,
+        mean=np.zeros(0) if transform.mean is None else transform.mean,
+        matrix=np.zeros((0, 0)) if transform.matrix is None else transform.matrix,
+        l2_normalize=np.array(transform.l2_normalize),
+        inertia=np.array(result.inertia),
+    )
+    return run.write_bytes(sink.getvalue(), *KMEANS)
+
+
+def read_kmeans(run: RunDir) -> KMeansResult:
+    """The fitted K-means (no labels: `clustering.assign` labels features with it)."""
+    saved = np.load(io.BytesIO(run.read_bytes(*KMEANS)))
+    transform = FeatureTransform(
+        mean=saved["mean"] if saved["mean"].size else None,
+        matrix=saved["matrix"] if saved["matrix"].size else None,
+        l2_normalize=bool(saved["l2_normalize"]),
+    )
+    inertia = float(saved["inertia"]) if "inertia" in saved else float("nan")
+    return KMeansResult(np.zeros(0, np.int64), saved["centroids"], inertia, transform)
+
+
+def num_classes(run: RunDir) -> int:
+    """Clusters + 1 (background), from the cluster stage's manifest."""
+    manifest = read_manifest(run, CLUSTER)
+    if manifest is None:
+        raise FileNotFoundError(f"no {CLUSTER} stage in {run.uri}: run it first")
+    return int(manifest.metrics["clusters"]) + 1
+
+
+def pseudo_folder(split: str) -> str:
+    return split_folder(DISTILL, split)
+
+
+def read_pseudo(run: RunDir, split: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """A split's pseudo-label rows (only `columns` if given)."""
+    return read_parts(run, pseudo_folder(split), PSEUDO_SCHEMA, columns)
+
+
+def has_weights(run: RunDir, stage: str) -> bool:
+    return run.exists(stage, MODEL_FILE)
+
+
+def read_weights(run: RunDir, stage: str) -> dict[str, Any]:
+    """The `<stage>/model.pt` a training stage exported: {"model": state dict, ...extra}."""
+    if not has_weights(run, stage):
+        raise FileNotFoundError(f"{run.uri_of(stage, MODEL_FILE)}: no trained {stage} there")
+    state: dict[str, Any] = torch.load(
+        io.BytesIO(run.read_bytes(stage, MODEL_FILE)), map_location="cpu"
+    )
+    return state
+
+
+def write_weights(run: RunDir, stage: str, model: dict[str, Any], **extra: Any) -> str:
+    """Write `<stage>/model.pt`: the model's state dict and `extra` (num_classes, arch)."""
+    buffer = io.BytesIO()
+    torch.save({"model": model, **extra}, buffer)
+    return run.write_bytes(buffer.getvalue(), stage, MODEL_FILE)

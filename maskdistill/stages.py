@@ -1,0 +1,188 @@
+"""The stage contract: names and order, what decides each stage's result, and where a run stands.
+
+A stage's hash covers the config keys that decide its result (never a section's `resources`:
+workers, CPUs, GPUs, actors, loader threads, inference batch sizes) and the hashes of the stages
+whose output it reads, so a change anywhere upstream marks every later stage stale and nothing
+earlier. Where each stage's output lives and how to read it: `maskdistill.outputs`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from maskdistill import storage
+from maskdistill.config import ExperimentConfig
+from maskdistill.engine import CHECKPOINT
+from maskdistill.rundir import Fingerprint, RunDir, StageState, read_record, stage_state
+
+DATA, PRETRAIN, MINE, CLUSTER = "data", "pretrain", "mine", "cluster"
+DETECTOR, DISTILL, SEGMENTER, EVALUATE = "detector", "distill", "segmenter", "evaluate"
+PRETRAINED = "pretrain"  # backbone.weights: mine with this run's own DINO pretraining
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: the config keys that decide its result and the stages whose output it reads."""
+
+    name: str
+    keys: tuple[str, ...]
+    inputs: tuple[str, ...]
+    does: str
+    key_metric: str | None = None
+
+
+PIPELINE = (
+    Stage(DATA, ("data",), (), "index every split: sizes, unreadable files, previews"),
+    Stage(
+        PRETRAIN,
+        ("data", "backbone.arch", "pretrain", "seed"),
+        (),
+        "DINO self-distillation of the ViT on the train split (backbone.weights: pretrain)",
+        "loss_dino",
+    ),
+    Stage(
+        MINE,
+        ("data", "backbone", "mining", "clustering.feature", "clustering.view_size"),
+        (PRETRAIN,),
+        "Sec 3.2: one object mask and CLS feature per image",
+    ),
+    Stage(CLUSTER, ("clustering",), (MINE,), "Sec 3.2: K-means pseudo classes", "clusters"),
+    Stage(DETECTOR, ("detector", "seed"), (CLUSTER,), "Sec 3.2 Eq 3: Mask R-CNN", "loss_mask"),
+    Stage(DISTILL, ("pseudo_labels",), (DETECTOR,), "Sec 3.3: confident masks (tau)"),
+    Stage(
+        SEGMENTER,
+        ("segmenter", "seed"),
+        (DISTILL, DETECTOR),
+        "Sec 3.3 Eq 4: DeepLab-v3",
+        "loss_seg",
+    ),
+    Stage(
+        EVALUATE,
+        ("evaluation",),
+        (CLUSTER, DISTILL, SEGMENTER),
+        "Sec 4.1: Table 1, mask AP, pictures",
+        "miou + DeepLab-v3",
+    ),
+)
+STAGES = {stage.name: stage for stage in PIPELINE}
+NAMES = tuple(STAGES)
+
+
+def pretrain_wanted(config: ExperimentConfig) -> bool:
+    """Whether the mining backbone is this run's own pretraining (stage `pretrain` runs)."""
+    return config.backbone.weights == PRETRAINED
+
+
+def needed(config: ExperimentConfig) -> list[str]:
+    """The stages of this config in pipeline order: `pretrain` only when it is wanted."""
+    return [name for name in NAMES if name != PRETRAIN or pretrain_wanted(config)]
+
+
+def fingerprints(config: ExperimentConfig) -> dict[str, Fingerprint]:
+    """Every needed stage's fingerprint, in pipeline order; each hash chains its inputs'."""
+    done: dict[str, Fingerprint] = {}
+    for name in needed(config):
+        stage = STAGES[name]
+        science = config.science(*stage.keys)
+        upstream = {i: done[i].config_hash for i in stage.inputs if i in done}
+        text = json.dumps({"science": science, "upstream": upstream}, sort_keys=True)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        done[name] = Fingerprint(name, digest, science, upstream)
+    return done
+
+
+def fingerprint(config: ExperimentConfig, name: str) -> Fingerprint:
+    """One stage's fingerprint; ValueError naming the stages when it is not needed or unknown."""
+    prints = fingerprints(config)
+    if name not in prints:
+        off = " (it runs only with backbone.weights: pretrain)" if name == PRETRAIN else ""
+        raise ValueError(f"stage {name!r} is not part of this config{off}; stages: {list(prints)}")
+    return prints[name]
+
+
+def stage_hashes(config: ExperimentConfig) -> dict[str, str]:
+    """Stage name -> hash of what decides its result, in pipeline order."""
+    return {name: fp.config_hash for name, fp in fingerprints(config).items()}
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """Where one stage of a run stands and what `pipeline` would do with it next."""
+
+    stage: str
+    state: StageState
+    config_hash: str
+    action: str
+    reason: str
+
+
+ACTIONS = {"done": "reuse", "partial": "resume", "stale": "rerun", "missing": "run"}
+
+
+def run_status(run: RunDir, config: ExperimentConfig) -> list[StageReport]:
+    """Each needed stage: done / partial / stale / missing, and why `pipeline` would act so."""
+    reports = []
+    for name, fp in fingerprints(config).items():
+        state = stage_state(run, fp)
+        reason = {
+            "done": "finished with this config",
+            "partial": f"interrupted; {progress(run, name)}",
+            "stale": stale_reason(run, fp),
+            "missing": "no output yet",
+        }[state]
+        reports.append(StageReport(name, state, fp.config_hash, ACTIONS[state], reason))
+    return reports
+
+
+def stale_reason(run: RunDir, fp: Fingerprint) -> str:
+    """Which keys changed (old -> new) or which input stage did, against the stage's record."""
+    record = read_record(run, fp.stage) or {}
+    old_science: dict[str, Any] = record.get("science") or {}
+    if not old_science:
+        return f"made with config {record.get('config_hash')}; no record of its keys"
+    changed = [
+        f"{key}: {_short(old_science.get(key))} -> {_short(value)}"
+        for key, value in fp.science.items()
+        if old_science.get(key) != value
+    ]
+    changed += [f"{key}: removed" for key in old_science if key not in fp.science]
+    old_inputs: dict[str, str] = record.get("upstream") or {}
+    inputs = [
+        s
+        for s in sorted(set(fp.upstream) | set(old_inputs))
+        if fp.upstream.get(s) != old_inputs.get(s)
+    ]
+    parts = changed + [f"input stage {s} changed" for s in inputs]
+    return "; ".join(parts) or "made with another config"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def progress(run: RunDir, stage: str) -> str:
+    """How far an interrupted stage got: finished Parquet parts, or its latest checkpoint."""
+    names = [f.split("/") for f in storage.list_tree(run.uri_of(stage))]
+    parts = sum(1 for n in names if n[-1].startswith("part-") and n[-1].endswith(".parquet"))
+    iterations = [
+        int(found.group(1))
+        for n in names
+        if n[0] == "checkpoints" and (found := CHECKPOINT.match(n[-1]))
+    ]
+    if iterations:
+        return f"resumes from the checkpoint at iteration {max(iterations)}"
+    if parts:
+        return f"{parts} finished parts are kept"
+    return "nothing finished to keep yet"
+
+
+def status_table(reports: list[StageReport]) -> str:
+    """One row per stage: state, hash, next action and why."""
+    lines = [f"{'stage':<10} {'state':<8} {'hash':<16}  next    why"]
+    for r in reports:
+        lines.append(f"{r.stage:<10} {r.state:<8} {r.config_hash:<16}  {r.action:<6}  {r.reason}")
+    return "\n".join(lines)
