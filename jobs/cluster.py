@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from jobs.common import stage_main
+from jobs.common import execute_stage, stage_main
 from maskdistill.clustering import KMeansResult, assign, fit_kmeans, num_clusters_for
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import build_dataset
@@ -29,8 +29,8 @@ from maskdistill.outputs import (
     write_kmeans,
     write_table,
 )
-from maskdistill.rundir import RunDir, StageManifest, execute
-from maskdistill.stages import CLUSTER, fingerprint
+from maskdistill.rundir import RunDir, StageManifest
+from maskdistill.stages import CLUSTER
 
 STAGE = CLUSTER
 
@@ -84,9 +84,7 @@ def _assign(table: pa.Table, result: KMeansResult) -> np.ndarray:
 def run_stage(config: ExperimentConfig, *, force: bool = False) -> StageManifest | None:
     """Cluster the mined masks; None when already complete for this config."""
     run = RunDir(config.run_dir)
-    return execute(
-        run, fingerprint(config, STAGE), lambda m: cluster_splits(config, run, m), force=force
-    )
+    return execute_stage(config, STAGE, lambda m: cluster_splits(config, run, m), force=force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 import ray
 
 from maskdistill.config import ConfigError, ExperimentConfig, add_config_args, load_config
-from maskdistill.rundir import RunDir
+from maskdistill.rundir import RunDir, StageManifest, execute
+from maskdistill.stages import fingerprint
 
 
 def connect(**init_kwargs: object) -> None:
@@ -68,3 +69,15 @@ def stage_main(
         connect()
     run_stage(config, force=args.force)
     return 0
+
+
+def execute_stage(
+    config: ExperimentConfig,
+    stage: str,
+    body: Callable[[StageManifest], None],
+    *,
+    force: bool = False,
+) -> StageManifest | None:
+    """Run `body` as `stage` of the config's run unless it is done (None then): the stage's
+    fingerprint comes from the contract (`maskdistill.stages`)."""
+    return execute(RunDir(config.run_dir), fingerprint(config, stage), body, force=force)

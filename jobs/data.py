@@ -15,13 +15,13 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from jobs.common import start
+from jobs.common import execute_stage, start
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import build_dataset
 from maskdistill.data.base import Dataset, Sample, UnreadableImage
 from maskdistill.outputs import INDEX_SCHEMA, index_path, write_table
-from maskdistill.rundir import RunDir, StageManifest, execute
-from maskdistill.stages import DATA, fingerprint
+from maskdistill.rundir import RunDir, StageManifest
+from maskdistill.stages import DATA
 from maskdistill.visualize import colorize, image_grid, png_bytes
 
 STAGE = DATA
@@ -79,7 +79,7 @@ def run_stage(
             index_split(build_dataset(data, split), split, run, manifest, preview=preview)
 
     run = RunDir(config.run_dir)
-    return execute(run, fingerprint(config, STAGE), index_all, force=force)
+    return execute_stage(config, STAGE, index_all, force=force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

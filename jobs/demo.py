@@ -24,6 +24,7 @@ from jobs import pipeline
 from jobs.common import start
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import build_dataset
+from maskdistill.outputs import TABLE1_FILE
 from maskdistill.rundir import RunDir
 from maskdistill.visualize import image_grid, png_bytes
 
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = RunDir(config.run_dir)
     print(pipeline.summary(run, ran))
     print()
-    print(run.read_bytes("evaluate", "table1.md").decode())
+    print(run.read_bytes(*TABLE1_FILE).decode())
     found = ", ".join(f"{c['name']} ({c['pixels']} px)" for c in answer["classes"])
     print(f"service answer for one held-out image: {found}")
     print(f"picture: {answer['picture']}")

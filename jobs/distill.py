@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.common import stage_main
+from jobs.common import execute_stage, stage_main
 from jobs.sharded import ShardedMap, objects, run_sharded
 from maskdistill.config import ExperimentConfig
 from maskdistill.detector import predict
@@ -26,8 +26,8 @@ from maskdistill.inference import load_detector
 from maskdistill.masks import encode_rle
 from maskdistill.outputs import PSEUDO_SCHEMA, mined_splits, pseudo_folder
 from maskdistill.pseudolabels import encode_label_map, pseudo_label
-from maskdistill.rundir import RunDir, StageManifest, execute
-from maskdistill.stages import DISTILL, fingerprint
+from maskdistill.rundir import RunDir, StageManifest
+from maskdistill.stages import DISTILL
 
 STAGE = DISTILL
 
@@ -113,7 +113,7 @@ def run_stage(config: ExperimentConfig, *, force: bool = False) -> StageManifest
             distill_split(config, run, split, manifest)
 
     run = RunDir(config.run_dir)
-    return execute(run, fingerprint(config, STAGE), distill_all, force=force)
+    return execute_stage(config, STAGE, distill_all, force=force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

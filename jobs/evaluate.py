@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import ray
 
-from jobs.common import stage_main
+from jobs.common import execute_stage, stage_main
 from maskdistill.config import ExperimentConfig
 from maskdistill.evaluate import evaluate
-from maskdistill.rundir import RunDir, StageManifest, execute
-from maskdistill.stages import EVALUATE, fingerprint
+from maskdistill.rundir import StageManifest
+from maskdistill.stages import EVALUATE
 
 STAGE = EVALUATE
 
@@ -35,8 +35,7 @@ def _body(config: ExperimentConfig, manifest: StageManifest) -> None:
 
 def run_stage(config: ExperimentConfig, *, force: bool = False) -> StageManifest | None:
     """Evaluate the run; None when already complete for this config."""
-    run = RunDir(config.run_dir)
-    return execute(run, fingerprint(config, STAGE), lambda m: _body(config, m), force=force)
+    return execute_stage(config, STAGE, lambda m: _body(config, m), force=force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

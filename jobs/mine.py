@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.common import connect, start
+from jobs.common import connect, execute_stage, start
 from jobs.sharded import ShardedMap, run_sharded
 from maskdistill.backbones import build_backbone
 from maskdistill.clustering import object_views
@@ -34,8 +34,8 @@ from maskdistill.outputs import (
     mined_splits,
     read_mined,
 )
-from maskdistill.rundir import RunDir, StageManifest, execute
-from maskdistill.stages import MINE, fingerprint
+from maskdistill.rundir import RunDir, StageManifest
+from maskdistill.stages import MINE
 from maskdistill.visualize import image_grid, mask_tile, png_bytes
 
 STAGE = MINE
@@ -143,7 +143,7 @@ def run_stage(
             write_preview(config, run, config.data.train_split, preview)
 
     run = RunDir(config.run_dir)
-    return execute(run, fingerprint(config, STAGE), mine_all, force=force)
+    return execute_stage(config, STAGE, mine_all, force=force)
 
 
 def write_preview(config: ExperimentConfig, run: RunDir, split: str, count: int) -> str:

@@ -21,7 +21,7 @@ import ray.train.torch
 import torch
 
 from jobs.common import stage_main
-from jobs.training import Worker, fit_stage, latest_state
+from jobs.training import Worker, fit_stage, latest_state, stage_runner
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import dataset_of
 from maskdistill.outputs import PRETRAINED_BACKBONE
@@ -38,8 +38,8 @@ from maskdistill.pretrain import (
     export_teacher,
     teacher_backbone,
 )
-from maskdistill.rundir import RunDir, StageManifest, execute
-from maskdistill.stages import PRETRAIN, fingerprint
+from maskdistill.rundir import RunDir, StageManifest
+from maskdistill.stages import PRETRAIN
 from maskdistill.visualize import png_bytes
 
 STAGE = PRETRAIN
@@ -109,12 +109,7 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
     manifest.metrics.update(losses)
 
 
-def run_stage(
-    config: ExperimentConfig, *, force: bool = False, hooks: Sequence[Any] = ()
-) -> StageManifest | None:
-    """Pretrain the backbone; None when already complete for this config."""
-    run = RunDir(config.run_dir)
-    return execute(run, fingerprint(config, STAGE), lambda m: fit(config, m, hooks), force=force)
+run_stage = stage_runner(STAGE, fit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

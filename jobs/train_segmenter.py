@@ -21,15 +21,15 @@ import ray.train.torch
 import torch
 
 from jobs.common import stage_main
-from jobs.training import Worker, export_weights, fit_stage
+from jobs.training import Worker, export_weights, fit_stage, stage_runner
 from maskdistill.config import ExperimentConfig, LRSchedule
 from maskdistill.data import dataset_of
 from maskdistill.engine import build_scheduler, scaled_lr, trainable
 from maskdistill.inference import segmenter_from_config
 from maskdistill.outputs import num_classes, read_pseudo
-from maskdistill.rundir import RunDir, StageManifest, execute
+from maskdistill.rundir import RunDir, StageManifest
 from maskdistill.segmenter import SegmentationSamples, segmenter_losses
-from maskdistill.stages import SEGMENTER, fingerprint
+from maskdistill.stages import SEGMENTER
 
 STAGE = SEGMENTER
 
@@ -107,12 +107,7 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
     manifest.metrics.update(losses)
 
 
-def run_stage(
-    config: ExperimentConfig, *, force: bool = False, hooks: Sequence[Any] = ()
-) -> StageManifest | None:
-    """Train the segmenter; None when already complete for this config."""
-    run = RunDir(config.run_dir)
-    return execute(run, fingerprint(config, STAGE), lambda m: fit(config, m, hooks), force=force)
+run_stage = stage_runner(STAGE, fit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,9 @@ import ray.train.torch
 import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
+from ray.util.metrics import Gauge
 
+from jobs.common import execute_stage
 from maskdistill.config import ExperimentConfig, TrainingResources
 from maskdistill.engine import (
     Checkpointer,
@@ -29,7 +31,7 @@ from maskdistill.engine import (
     train,
 )
 from maskdistill.outputs import write_weights
-from maskdistill.rundir import RunDir
+from maskdistill.rundir import RunDir, StageManifest
 
 
 class TrainingSection(Protocol):
@@ -41,6 +43,21 @@ class TrainingSection(Protocol):
     def precision(self) -> str: ...
     @property
     def resources(self) -> TrainingResources: ...
+
+
+Fit = Callable[[ExperimentConfig, StageManifest, Sequence[Any]], None]
+
+
+def stage_runner(stage: str, fit: Fit) -> Callable[..., StageManifest | None]:
+    """A training stage's `run_stage(config, *, force=False, hooks=())`: `fit` the stage unless
+    it is done for the config (None then); `hooks` run before each iteration (tests)."""
+
+    def run_stage(
+        config: ExperimentConfig, *, force: bool = False, hooks: Sequence[Any] = ()
+    ) -> StageManifest | None:
+        return execute_stage(config, stage, lambda m: fit(config, m, hooks), force=force)
+
+    return run_stage
 
 
 def fit_stage(
@@ -135,7 +152,7 @@ class Worker:
             log_every=section.resources.log_every,
             images_per_iter=section.batch_size // self.world * self.world,
             # V2 report() is a barrier, equally often on every rank; checkpoint-less: callbacks only
-            report=ray.train.report,
+            report=live_report(stage) if main else ray.train.report,
             curves=CurveWriter(self.run.uri_of(stage, "tensorboard")) if main else None,
         )
         try:
@@ -144,6 +161,23 @@ class Worker:
             report_to_driver({"error": str(err)}, rank=self.rank)
             return
         report_to_driver({"iteration": max_iters, **last}, rank=self.rank)
+
+
+def live_report(stage: str) -> Callable[[dict[str, float]], None]:
+    """Rank 0's periodic report: to Ray Train, and as Ray metrics (Prometheus gauges tagged by
+    stage and metric, which the Ray dashboard's Metrics view draws) for a live view."""
+    gauge = Gauge(
+        "maskdistill_training",
+        description="latest training metrics of a maskdistill stage (losses, lr, images/s)",
+        tag_keys=("stage", "metric"),
+    )
+
+    def report(metrics: dict[str, float]) -> None:
+        ray.train.report(metrics)
+        for name, value in metrics.items():
+            gauge.set(float(value), tags={"stage": stage, "metric": name})
+
+    return report
 
 
 def report_to_driver(metrics: dict[str, Any], *, rank: int) -> None:

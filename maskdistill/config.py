@@ -505,13 +505,18 @@ def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """`--config FILE` and repeatable `--set KEY=VALUE`, as every command takes them."""
     parser.add_argument("--config", help="experiment YAML (default: built-in defaults)")
+    add_set_arg(parser, "one key, e.g. --set mining.top_k=0.3")
+
+
+def add_set_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """Repeatable `--set KEY=VALUE` into `args.overrides`; `what` it overrides, for the help."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one key, e.g. --set mining.top_k=0.3 (repeatable; value parsed as YAML)",
+        help=f"override {what} (repeatable; the value is parsed as YAML)",
     )
 
 

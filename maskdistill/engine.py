@@ -325,35 +325,56 @@ def train(
     (on any rank: `spec.all_finite` sees every rank's loss in a distributed run).
     """
     scaler = torch.amp.GradScaler(spec.device.type, enabled=False)  # bf16 needs no loss scaling
-    start = _resume(model, optimizer, scheduler, scaler, spec)
+    trainee = Trainee(model, optimizer, scheduler, scaler)
+    start = _resume(trainee, spec)
     throughput = Throughput(start, spec.images_per_iter)
     last: dict[str, float] = {}
     model.train()
     try:
         for iteration in range(start, spec.max_iters):
-            last, metrics = _step(iteration, model, optimizer, scheduler, scaler, spec)
+            last, metrics = _step(iteration, trainee, spec)
             if spec.log is not None:
                 spec.log.add({"iteration": iteration, "time": time.time(), **metrics})
             if (iteration + 1) % spec.log_every == 0:
                 _report(iteration, {**metrics, "images_per_s": throughput(iteration + 1)}, spec)
             done = iteration + 1
             if done % spec.checkpoint_every == 0 or done == spec.max_iters:
-                _checkpoint(done, model, optimizer, scheduler, scaler, spec)
+                _checkpoint(done, trainee, spec)
     finally:
         if spec.curves is not None:
             spec.curves.close()
     return last
 
 
+@dataclass
+class Trainee:
+    """What a checkpoint holds besides the iteration and RNG state."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
 def _step(
-    iteration: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    spec: TrainSpec,
+    iteration: int, trainee: Trainee, spec: TrainSpec
 ) -> tuple[dict[str, float], dict[str, float]]:
     """One optimizer step: (the loss terms, the metrics logged: lr, loss and the terms)."""
+    model, optimizer, scaler = trainee.model, trainee.optimizer, trainee.scaler
     for hook in spec.hooks:
         hook(iteration)
     batch = spec.batch_at(iteration)
@@ -368,7 +389,7 @@ def _step(
     scaler.step(optimizer)
     scaler.update()
     lr = optimizer.param_groups[0]["lr"]
-    scheduler.step()
+    trainee.scheduler.step()
     return terms, {"lr": lr, "loss": float(loss.detach()), **terms}
 
 
@@ -405,21 +426,12 @@ def _flush(spec: TrainSpec) -> None:
         spec.curves.flush()
 
 
-def _resume(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    spec: TrainSpec,
-) -> int:
+def _resume(trainee: Trainee, spec: TrainSpec) -> int:
     latest = spec.checkpoints.latest()
     if latest is None:
         return 0
     state = spec.checkpoints.load(latest)
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    trainee.load_state_dict(state)
     set_rng_state(state["rng"])
     if spec.log is not None:
         spec.log.truncate(state["iteration"])
@@ -430,23 +442,10 @@ def _resume(
     return int(state["iteration"])
 
 
-def _checkpoint(
-    iteration: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    spec: TrainSpec,
-) -> None:
+def _checkpoint(iteration: int, trainee: Trainee, spec: TrainSpec) -> None:
     if spec.is_main:
         _flush(spec)
-        state = {
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-        }
-        spec.checkpoints.save(iteration, state)
+        spec.checkpoints.save(iteration, trainee.state_dict())
     spec.barrier()
 
 

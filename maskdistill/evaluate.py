@@ -327,7 +327,7 @@ def write_outputs(
         {"iou": np.array(segmenter["iou"], dtype=float), "miou": segmenter["miou"]}, class_names
     )
     report = [table1(metrics), "", "Per class (Table S2 form), + DeepLab-v3:", per_class]
-    run.write_bytes((table1(metrics) + "\n").encode(), EVALUATE, "table1.md")
+    run.write_bytes((table1(metrics) + "\n").encode(), *outputs.TABLE1_FILE)
     run.write_bytes((per_class + "\n").encode(), EVALUATE, "per_class.md")
     if "mask AP" in metrics:
         ap = mask_ap_table(metrics["mask AP"])
@@ -349,7 +349,7 @@ def write_outputs(
         },
         *outputs.CLASS_NAMES_FILE,
     )
-    run.write_json(metrics, EVALUATE, "metrics.json")
+    run.write_json(metrics, *outputs.METRICS_FILE)
     return "\n".join(report)
 
 

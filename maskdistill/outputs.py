@@ -11,6 +11,7 @@ The one place drivers, benchmarks, `predict` and the service learn the layout of
     detector/model.pt                 {"model", "num_classes", "arch"}
     distill/<split>/part-NNNNN.parquet  PSEUDO_SCHEMA: confident pseudo labels (Sec 3.3)
     segmenter/model.pt                {"model", "num_classes"}
+    evaluate/metrics.json, table1.md  Table 1 rows, per-class IoU, mask AP (and pictures)
     evaluate/class_names.json         the class each segmenter label was matched to
 """
 
@@ -35,6 +36,8 @@ MODEL_FILE = "model.pt"
 PRETRAINED_BACKBONE = (PRETRAIN, "backbone.pth")
 KMEANS = (CLUSTER, "kmeans.npz")
 CLASS_NAMES_FILE = (EVALUATE, "class_names.json")
+METRICS_FILE = (EVALUATE, "metrics.json")
+TABLE1_FILE = (EVALUATE, "table1.md")
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -84,6 +87,11 @@ def mined_splits(config: ExperimentConfig) -> list[str]:
 
 def index_path(split: str) -> tuple[str, str]:
     return DATA, f"{split_name(split)}.parquet"
+
+
+def read_index(run: RunDir, split: str) -> pa.Table:
+    """Every readable image of a split with its size (INDEX_SCHEMA)."""
+    return pq.read_table(io.BytesIO(run.read_bytes(*index_path(split))))
 
 
 def backbone_weights(config: ExperimentConfig) -> str:
@@ -188,3 +196,9 @@ def write_weights(run: RunDir, stage: str, model: dict[str, Any], **extra: Any) 
     buffer = io.BytesIO()
     torch.save({"model": model, **extra}, buffer)
     return run.write_bytes(buffer.getvalue(), stage, MODEL_FILE)
+
+
+def read_metrics(run: RunDir) -> dict[str, Any]:
+    """The evaluate stage's metrics: Table 1 rows by name (miou, iou, mapping), mask AP."""
+    metrics: dict[str, Any] = run.read_json(*METRICS_FILE)
+    return metrics

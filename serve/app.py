@@ -33,7 +33,13 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException
 
 from maskdistill import storage
-from maskdistill.config import ConfigError, ServeConfig, apply_override, validate_config
+from maskdistill.config import (
+    ConfigError,
+    ServeConfig,
+    add_set_arg,
+    apply_override,
+    validate_config,
+)
 from maskdistill.inference import Segmenter
 from maskdistill.outputs import MODEL_FILE, has_weights
 from maskdistill.rundir import RunDir
@@ -295,14 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dir", help="run directory (path or URI) with a trained segmenter")
     parser.add_argument("--host", help="interface to listen on (serve.host)")
     parser.add_argument("--port", type=int, help="HTTP port (serve.port)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a serve setting, e.g. --set max_batch_size=4 (repeatable)",
-    )
+    add_set_arg(parser, "a serve setting, e.g. --set max_batch_size=4")
     args = parser.parse_args(argv)
     settings: dict[str, Any] = {}
     try:

@@ -23,7 +23,11 @@ class NoRay(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoRay())
 import maskdistill
-names = [m.name for m in pkgutil.walk_packages(maskdistill.__path__, "maskdistill.")]
+names = [
+    m.name
+    for m in pkgutil.walk_packages(maskdistill.__path__, "maskdistill.")
+    if m.name != "maskdistill.__main__"  # runs the command line
+]
 for name in names:
     importlib.import_module(name)
 assert not [m for m in sys.modules if m == "ray" or m.startswith("ray.")]

@@ -11,6 +11,7 @@ import ray.train.torch
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from jobs import training
 from jobs.training import Worker, fit_workers
 from maskdistill.engine import MetricsLog
 from maskdistill.rundir import RunDir
@@ -109,3 +110,28 @@ def test_a_stage_reports_its_curves_to_ray_train_and_tensorboard(tmp_path: Path)
     assert steps == [1, 3, 5]
     assert losses == pytest.approx([p["loss"] for p in progress], rel=1e-6)
     assert _curve(run.uri_of(STAGE, "tensorboard"), "images_per_s")[0] == steps
+
+
+def test_rank_zero_reports_go_to_ray_train_and_to_ray_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reports: list[dict[str, float]] = []
+    sets: list[tuple[float, dict[str, str]]] = []
+
+    class Gauge:
+        def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]) -> None:
+            assert (name, tag_keys) == ("maskdistill_training", ("stage", "metric"))
+
+        def set(self, value: float, tags: dict[str, str]) -> None:
+            sets.append((value, tags))
+
+    monkeypatch.setattr(training, "Gauge", Gauge)
+    monkeypatch.setattr(training.ray.train, "report", reports.append)
+    metrics = {"iteration": 19, "loss": 1.5, "lr": 0.02}
+    training.live_report("detector")(metrics)
+    assert reports == [metrics]
+    assert sets == [
+        (19.0, {"stage": "detector", "metric": "iteration"}),
+        (1.5, {"stage": "detector", "metric": "loss"}),
+        (0.02, {"stage": "detector", "metric": "lr"}),
+    ]
