@@ -28,7 +28,7 @@ def start(
     description: str | None,
     argv: Sequence[str] | None,
     *,
-    preview: bool = False,
+    preview: int = 0,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> tuple[ExperimentConfig, argparse.Namespace]:
     """A driver's validated config (exit 2 naming the bad keys) and flags (`extra` adds its
@@ -38,9 +38,9 @@ def start(
     )
     add_config_args(parser)
     parser.add_argument("--force", action="store_true", help="rerun even when complete")
-    if preview:
+    if preview:  # the flag's default count
         parser.add_argument(
-            "--preview", type=int, default=12, help="images in the preview grid (0: none)"
+            "--preview", type=int, default=preview, help="images in the preview grid (0: none)"
         )
     if extra is not None:
         extra(parser)

@@ -83,7 +83,7 @@ def run_stage(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, args = start(__doc__, argv, preview=True)
+    config, args = start(__doc__, argv, preview=8)
     run_stage(config, preview=args.preview, force=args.force)
     return 0
 

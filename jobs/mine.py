@@ -163,7 +163,7 @@ def write_preview(config: ExperimentConfig, run: RunDir, split: str, count: int)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, args = start(__doc__, argv, preview=True)
+    config, args = start(__doc__, argv, preview=12)
     connect()
     run_stage(config, force=args.force, preview=args.preview)
     return 0

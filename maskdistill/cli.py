@@ -12,17 +12,9 @@ import sys
 from collections.abc import Sequence
 
 import pyarrow.fs as pafs
-import yaml
 
 from maskdistill import storage
-from maskdistill.config import (
-    ConfigError,
-    ExperimentConfig,
-    add_config_args,
-    apply_override,
-    load_config,
-    validate_config,
-)
+from maskdistill.config import ConfigError, ExperimentConfig, add_config_args, load_config
 from maskdistill.rundir import RunDir
 
 DRIVERS = {
@@ -110,12 +102,5 @@ def show_status(run_dir: str, path: str | None, overrides: Sequence[str]) -> int
 
 def run_config(run: RunDir, path: str | None, overrides: Sequence[str]) -> ExperimentConfig:
     """`path` with `overrides`, else the run's own config.yaml with them; run_dir is the run."""
-    if path is not None:
-        config = load_config(path, overrides)
-    else:
-        source = run.uri_of("config.yaml")
-        raw = yaml.safe_load(run.read_bytes("config.yaml")) or {}
-        for item in overrides:
-            apply_override(raw, item)
-        config = validate_config(raw, source=source)
+    config = run.read_config(overrides) if path is None else load_config(path, overrides)
     return config.model_copy(update={"run_dir": run.uri})

@@ -126,11 +126,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def is_local(uri: str) -> bool:
-    """Whether `uri` is a local path (no scheme, or file://), where files can be appended to."""
-    return "://" not in uri or uri.startswith("file://")
-
-
 class MetricsLog:
     """JSON lines, one per iteration (each with its `iteration`), written by the main rank.
 
@@ -141,7 +136,7 @@ class MetricsLog:
 
     def __init__(self, uri: str, *, parts: bool | None = None) -> None:
         self.uri = uri
-        self.parts = not is_local(uri) if parts is None else parts
+        self.parts = not storage.is_local(uri) if parts is None else parts
         self.folder = f"{uri}.parts"
         self.pending: list[str] = []
 
@@ -206,7 +201,7 @@ class CurveWriter:
 
     def __init__(self, folder: str, *, parts: bool | None = None) -> None:
         self.folder = folder
-        self.parts = not is_local(folder) if parts is None else parts
+        self.parts = not storage.is_local(folder) if parts is None else parts
         self.writer: SummaryWriter | None = None
         self.purge_step: int | None = None
         self.summary_writer = _summary_writer_class()

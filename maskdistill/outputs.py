@@ -91,7 +91,7 @@ def index_path(split: str) -> tuple[str, str]:
 
 def read_index(run: RunDir, split: str) -> pa.Table:
     """Every readable image of a split with its size (INDEX_SCHEMA)."""
-    return pq.read_table(io.BytesIO(run.read_bytes(*index_path(split))))
+    return read_table(run, *index_path(split))
 
 
 def backbone_weights(config: ExperimentConfig) -> str:
@@ -116,7 +116,11 @@ def labeled_path(split: str) -> tuple[str, str]:
 
 def read_labeled(run: RunDir, split: str) -> pa.Table:
     """A split's mined masks with their clusters."""
-    return pq.read_table(io.BytesIO(run.read_bytes(*labeled_path(split))))
+    return read_table(run, *labeled_path(split))
+
+
+def read_table(run: RunDir, *parts: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(run.read_bytes(*parts)))
 
 
 def write_table(run: RunDir, table: pa.Table, *parts: str) -> str:

@@ -7,7 +7,7 @@ import platform
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from maskdistill import storage
-from maskdistill.config import ExperimentConfig, validate_config
+from maskdistill.config import ExperimentConfig, apply_override, validate_config
 
 MANIFEST = "manifest.json"
 ATTEMPT = "attempt.json"  # the fingerprint a stage's files under way belong to
@@ -78,11 +78,14 @@ class RunDir:
     def write_json(self, obj: Any, *parts: str) -> str:
         return self.write_bytes(json.dumps(obj, indent=2, sort_keys=True).encode(), *parts)
 
-    def read_config(self) -> ExperimentConfig:
-        """The resolved config this run was started with (`config.yaml`), validated."""
+    def read_config(self, overrides: Sequence[str] = ()) -> ExperimentConfig:
+        """The resolved config this run was started with (`config.yaml`), with `a.b=c`
+        `overrides` applied, validated."""
         if not self.exists("config.yaml"):
             raise FileNotFoundError(f"{self.uri_of('config.yaml')}: not a run directory")
         raw = yaml.safe_load(self.read_bytes("config.yaml")) or {}
+        for item in overrides:
+            apply_override(raw, item)
         return validate_config(raw, source=self.uri_of("config.yaml"))
 
     def write_config(self, config: ExperimentConfig) -> str:
@@ -145,26 +148,31 @@ def read_manifest(run: RunDir, stage: str) -> StageManifest | None:
     return StageManifest(**body)
 
 
+def _records(run: RunDir, stage: str) -> dict[str, dict[str, Any]]:
+    """The stage's manifest and attempt file, those that exist, each read once."""
+    return {
+        name: run.read_json(stage, name) for name in (MANIFEST, ATTEMPT) if run.exists(stage, name)
+    }
+
+
 def read_record(run: RunDir, stage: str) -> dict[str, Any] | None:
     """The fingerprint a stage's output was made with: its manifest, else its attempt file."""
-    for name in (MANIFEST, ATTEMPT):
-        if run.exists(stage, name):
-            record: dict[str, Any] = run.read_json(stage, name)
-            return record
-    return None
+    records = _records(run, stage)
+    return records.get(MANIFEST, records.get(ATTEMPT))
 
 
 def stage_state(run: RunDir, fp: Fingerprint) -> StageState:
     """'done' (finished with this fingerprint), 'partial' (interrupted with it, resumable),
     'stale' (output of another config) or 'missing'."""
-    manifest = read_manifest(run, fp.stage)
-    if manifest is not None and manifest.config_hash == fp.config_hash:
+    return _state(_records(run, fp.stage), fp)
+
+
+def _state(records: dict[str, dict[str, Any]], fp: Fingerprint) -> StageState:
+    if records.get(MANIFEST, {}).get("config_hash") == fp.config_hash:
         return "done"
-    if run.exists(fp.stage, ATTEMPT) and (
-        run.read_json(fp.stage, ATTEMPT)["config_hash"] == fp.config_hash
-    ):
+    if records.get(ATTEMPT, {}).get("config_hash") == fp.config_hash:
         return "partial"
-    return "missing" if read_record(run, fp.stage) is None else "stale"
+    return "stale" if records else "missing"
 
 
 @contextmanager
@@ -175,8 +183,10 @@ def stage_run(run: RunDir, fp: Fingerprint) -> Iterator[StageManifest]:
     an interrupted attempt with this fingerprint stays, for the stage to resume from.
     """
     moved = None
-    if stage_state(run, fp) == "stale":
-        moved = run.move_aside(fp.stage, str((read_record(run, fp.stage) or {})["config_hash"]))
+    records = _records(run, fp.stage)
+    if _state(records, fp) == "stale":
+        made_with = records.get(MANIFEST, records.get(ATTEMPT, {}))["config_hash"]
+        moved = run.move_aside(fp.stage, str(made_with))
         print(f"{fp.stage}: output of another config moved to {run.path(moved)}")
     run.write_json(fp.record(), fp.stage, ATTEMPT)
     manifest = StageManifest(

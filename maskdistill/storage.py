@@ -16,6 +16,12 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
+def is_local(uri: str) -> bool:
+    """Whether `uri` is on the local filesystem (a path or file://), where files can be
+    appended to and tools can write in place; told by the scheme alone (no filesystem made)."""
+    return "://" not in uri or uri.startswith("file://")
+
+
 def read_bytes(uri: str) -> bytes:
     """The bytes of the file at `uri`; FileNotFoundError naming it when there is none."""
     filesystem, path = resolve(uri)
@@ -38,9 +44,9 @@ def write_bytes(uri: str, data: bytes) -> None:
 def append_bytes(uri: str, data: bytes) -> None:
     """Append to a local file (created when missing). Object stores have no append and a rewrite
     grows with the square of the file: write a new object per chunk there instead."""
-    filesystem, path = resolve(uri)
-    if not isinstance(filesystem, pafs.LocalFileSystem):
-        raise ValueError(f"{uri}: cannot append on {filesystem.type_name}; write parts instead")
+    if not is_local(uri):
+        raise ValueError(f"{uri}: object stores cannot append; write parts instead")
+    path = resolve(uri)[1]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "ab") as f:
         f.write(data)
