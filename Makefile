@@ -7,12 +7,14 @@ CONFIG ?= configs/demo.yaml
 # Ray 2.60 reads this at import: token auth on for every cluster these targets start or join.
 export RAY_AUTH_MODE ?= token
 
-.PHONY: demo test lint format clean
+.PHONY: install demo test lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,dev,cluster,crf,track]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,dev,cluster,crf,track,export]'
 	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/maskdistill demo --config $(CONFIG)

@@ -1,7 +1,7 @@
 """`maskdistill` command line: validate configs, see where a run stands, run the stages.
 
 Commands that need Ray (the stage drivers in `jobs/`, `serve`) import it only when called;
-`config`, `status` and `predict` never do.
+`config`, `status`, `predict` and `export` never do.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ HELP = {
     "demo": "the pipeline on synthetic scenes, then one query to the HTTP service",
     "serve": "HTTP segmentation service for a trained run (Ray Serve)",
     "predict": "label PNGs for a folder / URI of images (no Ray)",
+    "export": "release a trained run: safetensors, model card, --onnx, --torchscript (no Ray)",
 }
 
 
@@ -70,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from maskdistill.predict import main as predict
 
         return predict(argv[1:])
+    if argv and argv[0] == "export":
+        from maskdistill.export import main as export
+
+        return export(argv[1:])
     if argv and argv[0] in DRIVERS:
         job = importlib.import_module(DRIVERS[argv[0]])
         return int(job.main(argv[1:]))

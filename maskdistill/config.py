@@ -422,8 +422,8 @@ class ServeConfig(Section):
     """HTTP segmentation service (`serve/`): limits, batching, replicas.
 
     Tuning: one replica holds one segmenter; up to `max_batch_size` concurrent requests share a
-    call (images of one size one forward pass). That amortises per-call overhead even on a CPU:
-    under 8 concurrent clients of 64x64 images on 2 cores, batch 8 served 1.6-1.8x the
+    call (images of one padded size one forward pass). That amortises per-call overhead even on a
+    CPU: under 8 concurrent clients of 64x64 images on 2 cores, batch 8 served 1.6-1.8x the
     requests/s of batch 1 at 0.5-0.65x its p50 latency (benchmarks/serve.py). Each replica accepts
     2 x max_batch_size requests at once (one batch running, the next filling) and the autoscaler
     aims at max_batch_size requests in flight per replica. `batch_wait_timeout_s` is the most a
@@ -436,6 +436,18 @@ class ServeConfig(Section):
     max_body_bytes: Positive = Field(20 * 1024 * 1024, description="larger bodies get 413")
     max_pixels: Positive = Field(
         40_000_000, description="larger images get 413, checked from the header before decoding"
+    )
+    max_side: Annotated[int, Field(ge=32)] | None = Field(
+        640,
+        description="the forward runs with the longer side at most this, logits upsampled to the "
+        "upload's size; the segmenter learnt objects at long sides 375-625 (VOC's <= 500 px "
+        "scaled 0.75-1.25, A.3), so larger only costs time (a 12 MP photo: resnet50 ~8 s on 2 "
+        "cores at 640); null: full resolution, the evaluation's protocol",
+    )
+    pad_multiple: Positive = Field(
+        128,
+        description="uploads are padded to multiples of this: sizes that round alike share a "
+        "forward pass, and an answer never depends on the other requests in its batch",
     )
     min_replicas: NonNegative = 1
     max_replicas: Positive = 4

@@ -42,9 +42,10 @@ from maskdistill.evaluation import (
     remap_confusion,
     segmentation_scores,
 )
-from maskdistill.inference import Segmenter, default_class_names
+from maskdistill.inference import Segmenter
 from maskdistill.masks import decode_rle
 from maskdistill.pseudolabels import decode_label_map
+from maskdistill.release import default_class_names
 from maskdistill.rundir import RunDir
 from maskdistill.stages import EVALUATE
 from maskdistill.visualize import labelled_overlays, png_bytes
@@ -252,7 +253,7 @@ def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, 
     dataset = dataset_of(config.data, split)
     class_names = ["background", *dataset.class_names]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    segmenter = Segmenter.from_run(run.uri, device=device, config=config)
+    segmenter = Segmenter.load(run.uri, device=device, config=config)
     tables = {
         MINED: _rows_by_id(outputs.read_labeled(run, split)),
         DETECTOR: _rows_by_id(outputs.read_pseudo(run, split)),

@@ -12,10 +12,11 @@ from PIL import Image, ImageDraw, ImageFont
 from maskdistill.data.base import IGNORE_INDEX
 
 
-def palette(num_labels: int) -> np.ndarray:
-    """uint8 [max(num_labels, 256), 3]: 0 black, then VOC's bit-pattern colours, 255 white."""
-    colours = np.zeros((max(num_labels, 256), 3), dtype=np.uint8)
-    for label in range(1, colours.shape[0]):
+def voc_colormap(num_labels: int = 256) -> np.ndarray:
+    """uint8 [num_labels, 3]: PASCAL VOC's colour of each label (bit-interleaved; 255 is
+    VOC's void colour 224, 224, 192), the palette of VOC's label PNGs."""
+    colours = np.zeros((num_labels, 3), dtype=np.uint8)
+    for label in range(1, num_labels):
         value, r, g, b = label, 0, 0, 0
         for bit in range(8):
             r |= ((value >> 0) & 1) << (7 - bit)
@@ -23,8 +24,47 @@ def palette(num_labels: int) -> np.ndarray:
             b |= ((value >> 2) & 1) << (7 - bit)
             value >>= 3
         colours[label] = (r, g, b)
+    return colours
+
+
+def palette(num_labels: int) -> np.ndarray:
+    """uint8 [max(num_labels, 256), 3]: 0 black, then VOC's bit-pattern colours, 255 white."""
+    colours = voc_colormap(max(num_labels, 256))
     colours[IGNORE_INDEX] = 255
     return colours
+
+
+def palette_png(labels: np.ndarray) -> bytes:
+    """A label map (values 0-254) as an 8-bit palette PNG with VOC's colour map: the pixel
+    values are the labels, viewers show VOC's colours."""
+    if labels.size and (labels.min() < 0 or labels.max() >= IGNORE_INDEX):
+        raise ValueError(
+            f"a palette PNG holds labels 0-{IGNORE_INDEX - 1} ({IGNORE_INDEX} is VOC's void); "
+            f"got {labels.min()}-{labels.max()}"
+        )
+    picture = Image.fromarray(labels.astype(np.uint8), mode="P")
+    picture.putpalette(voc_colormap().ravel().tolist())
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def draw_boxes(
+    image: np.ndarray,
+    boxes: Sequence[tuple[float, float, float, float]],
+    labels: Sequence[int],
+    captions: Sequence[str],
+) -> np.ndarray:
+    """The image with each box (x0, y0, x1, y1) outlined in its label's colour, captioned."""
+    picture = Image.fromarray(image)
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default()
+    colours = palette(max(labels, default=0) + 1)
+    for box, label, caption in zip(boxes, labels, captions, strict=True):
+        colour = tuple(int(c) for c in colours[label])
+        draw.rectangle(box, outline=colour, width=max(1, min(image.shape[:2]) // 200))
+        draw.text((box[0] + 2, box[1] + 1), caption, fill=colour, font=font)
+    return np.asarray(picture)
 
 
 def colorize(labels: np.ndarray) -> np.ndarray:

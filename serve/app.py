@@ -3,7 +3,8 @@
     maskdistill serve runs/demo --port 8000          # local: Ray in-process, Ctrl-C stops
     serve deploy serve/config.yaml                   # a cluster: import path serve.app:app_builder
 
-Each replica loads `segmenter/model.pt` and the class names of the run (`Segmenter.from_run`),
+Each replica loads the segmenter and the class names of a run directory or an export folder
+(`Segmenter.load`), the distilled Mask R-CNN too when there is one (`POST /instances`),
 on its GPU when it was given one (`serve.num_gpus`). Concurrent requests are batched by
 `@serve.batch` on `segment_batch`; the response header X-Batch-Size tells how many images
 shared the forward pass. Settings come from the run's `config.yaml` `serve:` section, each
@@ -25,7 +26,7 @@ import pyarrow.fs as pafs
 import ray
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from ray import serve
@@ -33,6 +34,7 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException
 
 from maskdistill import storage
+from maskdistill.cocoformat import instance_results
 from maskdistill.config import (
     ConfigError,
     ServeConfig,
@@ -40,12 +42,21 @@ from maskdistill.config import (
     apply_override,
     validate_config,
 )
-from maskdistill.inference import Segmenter
-from maskdistill.outputs import MODEL_FILE, has_weights
-from maskdistill.rundir import RunDir
-from maskdistill.stages import SEGMENTER
-from serve.codec import ApiError, Format, class_list, class_table, label_png, overlay_png
+from maskdistill.inference import Detector, Segmenter
+from maskdistill.release import has_model, model_file, read_config
+from maskdistill.stages import DETECTOR, SEGMENTER
+from serve.codec import (
+    ApiError,
+    Format,
+    InstanceFormat,
+    class_list,
+    class_table,
+    instance_table,
+    label_png,
+    overlay_png,
+)
 from serve.codec import read_image as decode_upload
+from serve.page import page_html
 from serve.upload import IMAGE_FIELD, image_bytes
 
 APP_NAME = "maskdistill"
@@ -149,7 +160,15 @@ class SegmentationService:
         self.config = ServeConfig.model_validate(config)
         self.token = bearer_token(self.config.auth_token_env)
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        self.segmenter = Segmenter.from_run(run_dir, device=device)
+        self.segmenter = Segmenter.load(
+            run_dir,
+            device=device,
+            max_side=self.config.max_side,
+            pad_multiple=self.config.pad_multiple,
+        )
+        self.detector: Detector | None = None
+        if has_model(run_dir, DETECTOR):
+            self.detector = Detector.load(run_dir, device=device, max_side=self.config.max_side)
         # @serve.batch's typing hides the setters its handler has
         self.segment_batch.set_max_batch_size(self.config.max_batch_size)  # type: ignore[attr-defined]
         self.segment_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)  # type: ignore[attr-defined]
@@ -166,6 +185,12 @@ class SegmentationService:
         given = b"" if credentials is None else credentials.credentials.encode()
         if not hmac.compare_digest(given, self.token.encode()):
             raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page(self) -> HTMLResponse:
+        """The page to try the model in a browser (serve/page/index.html; no auth: the page asks
+        for the token and sends it with each request)."""
+        return HTMLResponse(page_html())
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, str]:
@@ -215,6 +240,43 @@ class SegmentationService:
             body = await asyncio.to_thread(label_png, labels, num_classes=num_classes)
         return Response(body, media_type="image/png", headers=headers)
 
+    @api.post(
+        "/instances",
+        responses={
+            200: {
+                "description": "json: {width, height, tau, instances: [{label, name, score, "
+                "box: [x0, y0, x1, y1], segmentation: COCO RLE}]}; coco: a COCO results list",
+                "content": {"application/json": {}},
+            },
+            404: {"model": ErrorBody, "description": "the run has no trained detector"},
+            **_ERRORS,
+        },
+        openapi_extra=_IMAGE_BODY,
+    )
+    async def instances(
+        self,
+        request: Request,
+        credentials: Credentials,
+        format: Annotated[InstanceFormat, Query(description="json or coco")] = "json",
+        tau: Annotated[
+            float | None,
+            Query(ge=0.0, lt=1.0, description="keep scores > tau (default: the run's tau)"),
+        ] = None,
+        image_id: Annotated[int, Query(ge=0, description="image_id of the COCO results")] = 0,
+    ) -> JSONResponse:
+        """The distilled Mask R-CNN's confident instances (Sec 3.3) in one uploaded image."""
+        self.authorize(credentials)
+        if self.detector is None:
+            raise ApiError(404, "this run has no trained detector (detector/model.pt)")
+        data = await image_bytes(request, max_body_bytes=self.config.max_body_bytes)
+        image = await asyncio.to_thread(decode_upload, data, max_pixels=self.config.max_pixels)
+        (found,) = await asyncio.to_thread(self.detector.instances, [image], tau=tau)
+        if format == "coco":
+            return JSONResponse(instance_results(image_id, found))
+        height, width = image.shape[:2]
+        used = self.detector.tau if tau is None else tau
+        return JSONResponse(instance_table(found, width=width, height=height, tau=used))
+
 
 def serve_config(
     run_dir: str, overrides: Mapping[str, Any] | None = None
@@ -226,13 +288,13 @@ def serve_config(
     fs, root = storage.resolve(run_dir)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    run = RunDir(run_dir)
-    raw = run.read_config().model_dump(mode="json")
+    uri = run_dir if "://" in run_dir else root  # absolute, valid on every node
+    raw = read_config(uri).model_dump(mode="json")
     raw["serve"].update(overrides or {})
-    config = validate_config(raw, source=f"{run.uri_of('config.yaml')} with serve overrides")
-    if not has_weights(run, SEGMENTER):
-        raise FileNotFoundError(f"{run.uri_of(SEGMENTER, MODEL_FILE)}: no trained segmenter")
-    return run.uri, config.serve
+    config = validate_config(raw, source=f"{uri}'s config with serve overrides")
+    if not has_model(uri, SEGMENTER):
+        raise FileNotFoundError(f"{model_file(uri, SEGMENTER)}: no trained segmenter")
+    return uri, config.serve
 
 
 def build_app(run_uri: str, config: ServeConfig) -> Application:
@@ -298,7 +360,7 @@ def stop() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """`maskdistill serve RUN_DIR`: Ray in-process (or RAY_ADDRESS), serve until Ctrl-C."""
     parser = argparse.ArgumentParser(prog="maskdistill serve", description=__doc__)
-    parser.add_argument("run_dir", help="run directory (path or URI) with a trained segmenter")
+    parser.add_argument("run_dir", help="run directory or export folder (path or URI)")
     parser.add_argument("--host", help="interface to listen on (serve.host)")
     parser.add_argument("--port", type=int, help="HTTP port (serve.port)")
     add_set_arg(parser, "a serve setting, e.g. --set max_batch_size=4")

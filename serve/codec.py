@@ -12,10 +12,12 @@ import numpy as np
 
 from maskdistill.data.base import UnreadableImage
 from maskdistill.data.images import decode_image
-from maskdistill.masks import mask_to_box
+from maskdistill.inference import Instance
+from maskdistill.masks import encode_rle, mask_to_box
 from maskdistill.visualize import overlay, palette, png_bytes
 
 Format = Literal["png", "json", "overlay"]
+InstanceFormat = Literal["json", "coco"]
 # decode_image's reason for both its own header check and Pillow's bomb limit
 _TOO_LARGE = "decompression bomb"
 _UINT8_LABELS = 256
@@ -73,3 +75,24 @@ def class_list(names: Sequence[str]) -> list[dict[str, Any]]:
         {"label": label, "name": name, "color": [int(c) for c in colours[label]]}
         for label, name in enumerate(names)
     ]
+
+
+def instance_table(
+    instances: Sequence[Instance], *, width: int, height: int, tau: float
+) -> dict[str, Any]:
+    """The detector's kept instances: label, name, score, box [x0, y0, x1, y1] and COCO RLE."""
+    return {
+        "width": width,
+        "height": height,
+        "tau": tau,
+        "instances": [
+            {
+                "label": instance.label,
+                "name": instance.name,
+                "score": instance.score,
+                "box": list(instance.box),
+                "segmentation": encode_rle(instance.mask),
+            }
+            for instance in instances
+        ],
+    }

@@ -70,7 +70,7 @@ def test_segmenter_resumes_after_a_failure_with_the_same_lr(
     expected = [scaled_lr(schedule, 4) * lr_factor(schedule, i) for i in range(9)]
     assert [r["lr"] for r in steps] == pytest.approx(expected)
     assert all(r["loss_seg"] == r["loss_seg"] and r["loss_seg"] >= 0 for r in steps)
-    segmenter = Segmenter.from_run(distilled.run_dir, config=distilled)
+    segmenter = Segmenter.load(distilled.run_dir, config=distilled)
     assert segmenter.class_names[0] == "background"
     image = np.zeros((37, 45, 3), dtype=np.uint8)
     (labels,) = segmenter.segment([image])

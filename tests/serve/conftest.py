@@ -12,7 +12,8 @@ import pytest
 import ray
 from PIL import Image
 
-from maskdistill.inference import Segmenter
+from maskdistill.config import ServeConfig
+from maskdistill.inference import Detector, Segmenter
 from serve import app
 from tests.runs import write_run
 
@@ -22,12 +23,21 @@ RUN_SERVE = ("serve.max_batch_size=4", "serve.max_replicas=1", "serve.batch_wait
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_run(tmp_path_factory.mktemp("served_run"), *RUN_SERVE)
+    return write_run(tmp_path_factory.mktemp("served_run"), *RUN_SERVE, detector=True)
 
 
 @pytest.fixture(scope="session")
 def segmenter(trained_run: Path) -> Segmenter:
-    return Segmenter.from_run(str(trained_run))
+    """The run's segmenter as a replica loads it: the default serve.max_side, pad_multiple."""
+    serving = ServeConfig()
+    return Segmenter.load(
+        str(trained_run), max_side=serving.max_side, pad_multiple=serving.pad_multiple
+    )
+
+
+@pytest.fixture(scope="session")
+def detector(trained_run: Path) -> Detector:
+    return Detector.load(str(trained_run), max_side=ServeConfig().max_side)
 
 
 def scene(seed: int, height: int = 24, width: int = 32) -> np.ndarray:
@@ -61,7 +71,7 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 def assert_same_labels(got: np.ndarray, image: np.ndarray, segmenter: Segmenter) -> None:
-    """`got` equals Segmenter.segment(image) except where the top two logits are within 1e-5
+    """`got` equals `segmenter.segment([image])` except where the top two logits are within 1e-5
     (float rounding, which depends on batch composition and thread count, may flip the argmax
     there; the untrained model's logits spread about 0.06, so such ties stay rare)."""
     (logits,) = segmenter.logits([image])

@@ -13,8 +13,8 @@ import requests
 from PIL import Image
 
 from maskdistill.data.images import decode_image
-from maskdistill.inference import Segmenter
-from maskdistill.masks import mask_to_box
+from maskdistill.inference import Detector, Segmenter
+from maskdistill.masks import decode_rle, mask_to_box
 from maskdistill.visualize import overlay, palette
 from tests.runs import NUM_CLASSES
 from tests.serve.conftest import (
@@ -106,7 +106,7 @@ def test_health_classes_and_docs(url: str, segmenter: Segmenter) -> None:
     assert [c["name"] for c in classes] == segmenter.class_names
     assert [c["color"] for c in classes] == palette(NUM_CLASSES)[:NUM_CLASSES].tolist()
     spec = requests.get(f"{url}/openapi.json").json()
-    assert {"/segment", "/classes", "/healthz"} <= set(spec["paths"])
+    assert {"/segment", "/instances", "/classes", "/healthz"} <= set(spec["paths"])
     segment = spec["paths"]["/segment"]["post"]
     assert {"image/*", "multipart/form-data"} <= set(segment["requestBody"]["content"])
     assert {"400", "401", "413", "415", "422"} <= set(segment["responses"])
@@ -216,3 +216,79 @@ def test_concurrent_requests_are_batched_with_unbatched_results(
     assert max(sizes) <= 4, sizes  # the run's serve.max_batch_size
     for image, (labels, _) in zip(images, results, strict=True):
         assert_same_labels(labels, image, segmenter)  # Segmenter.segment on the image alone
+
+
+def test_a_photo_runs_at_max_side_and_answers_at_its_size(url: str, segmenter: Segmenter) -> None:
+    image = scene(20, 700, 1000)  # serve.max_side 640: the forward runs at 448 x 640
+    data = encode(image, "JPEG")
+    response = requests.post(f"{url}/segment", data=data, headers={"Content-Type": "image/jpeg"})
+    labels = label_map(response)
+    assert labels.shape == (700, 1000)
+    assert_same_labels(labels, decode_image(data, "jpeg"), segmenter)
+
+
+def test_instances_are_the_detectors_with_rle_masks(url: str, detector: Detector) -> None:
+    image = scene(21, 60, 80)
+    response = post_instances(url, image, tau=0.0)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["width"], body["height"], body["tau"]) == (80, 60, 0.0)
+    (expected,) = detector.instances([image], tau=0.0)
+    assert len(body["instances"]) == len(expected) > 0
+    for got, want in zip(body["instances"], expected, strict=True):
+        assert (got["label"], got["name"]) == (want.label, want.name)
+        assert got["score"] == pytest.approx(want.score, abs=1e-5)
+        assert got["box"] == pytest.approx(list(want.box), abs=1e-3)
+        assert np.array_equal(decode_rle(got["segmentation"]), want.mask)
+    default = post_instances(url, image).json()
+    assert default["tau"] == detector.tau  # the run's pseudo_labels.tau
+    assert all(i["score"] > detector.tau for i in default["instances"]) or (
+        len(default["instances"]) == 1  # Sec 4.1: the best one when none passes
+        and default["instances"][0]["score"] == body["instances"][0]["score"]
+    )
+
+
+def test_instances_as_coco_results(url: str) -> None:
+    image = scene(22, 40, 48)
+    table = post_instances(url, image, tau=0.0).json()["instances"]
+    results = post_instances(url, image, tau=0.0, format="coco", image_id=12).json()
+    assert [r["category_id"] for r in results] == [i["label"] for i in table]
+    for result, instance in zip(results, table, strict=True):
+        x0, y0, x1, y1 = instance["box"]
+        assert result["image_id"] == 12 and result["segmentation"] == instance["segmentation"]
+        assert result["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0])
+
+
+def post_instances(url: str, image: np.ndarray, **params: Any) -> requests.Response:
+    return requests.post(f"{url}/instances", data=encode(image), headers=PNG, params=params)
+
+
+BAD_INSTANCE_REQUESTS: dict[str, tuple[dict[str, Any], int, str]] = {
+    "garbage": ({"data": b"not an image", "headers": PNG}, 400, "not a decodable image"),
+    "body over the limit": (
+        {"data": b"\0" * (MAX_BODY + 1), "headers": PNG},
+        413,
+        "max_body_bytes",
+    ),
+    "text body": ({"data": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "text/plain"),
+    "bad format": (
+        {"data": encode(scene(6)), "headers": PNG, "params": {"format": "png"}},
+        422,
+        "format",
+    ),
+    "tau of 1": ({"data": encode(scene(6)), "headers": PNG, "params": {"tau": 1}}, 422, "tau"),
+    "negative image_id": (
+        {"data": encode(scene(6)), "headers": PNG, "params": {"image_id": -1}},
+        422,
+        "image_id",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INSTANCE_REQUESTS))
+def test_bad_instance_requests_get_json_errors(url: str, case: str) -> None:
+    request, status, fragment = BAD_INSTANCE_REQUESTS[case]
+    response = requests.post(f"{url}/instances", **request)
+    assert response.status_code == status, response.text
+    assert set(response.json()) == {"error"} and fragment in response.json()["error"]
+    assert requests.get(f"{url}/healthz").status_code == 200

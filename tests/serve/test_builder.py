@@ -10,6 +10,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from maskdistill.cli import main as cli_main
 from maskdistill.config import ConfigError
+from maskdistill.export import export_run
 from serve import app
 from tests.runs import write_run
 
@@ -40,6 +41,15 @@ def test_bad_settings_name_the_key(
     with pytest.raises(ConfigError, match="with serve overrides") as caught:
         app.serve_config(str(trained_run), overrides)
     assert fragment in str(caught.value)
+
+
+def test_an_export_folder_is_served_like_its_run(trained_run: Path, tmp_path: Path) -> None:
+    exported = export_run(str(trained_run), str(tmp_path / "export")).out
+    uri, config = app.serve_config(exported, {"max_pixels": 123})
+    assert uri == exported and (config.max_batch_size, config.max_pixels) == (4, 123)
+    (tmp_path / "export" / "segmenter" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors: no trained segmenter"):
+        app.serve_config(exported)
 
 
 def test_missing_run_or_model_is_refused(tmp_path: Path) -> None:

@@ -1,0 +1,130 @@
+"""A trained model, read from a run directory or from an export folder. Ray-free.
+
+A run directory holds `<stage>/model.pt` (`maskdistill.outputs.read_weights`), `config.yaml`
+and, once evaluated, `evaluate/class_names.json`; an export folder (`maskdistill export`,
+`maskdistill.export`) holds `<stage>/model.safetensors`, `config.json` and `class_names.json`.
+`read_model` reads either, so `predict`, `serve` and the library's loaders take both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+from safetensors.torch import load as load_safetensors
+from torch import Tensor
+
+from maskdistill import storage
+from maskdistill.config import ExperimentConfig, validate_config
+from maskdistill.outputs import CLASS_NAMES_FILE, MODEL_FILE, read_weights
+from maskdistill.rundir import RunDir
+from maskdistill.stages import DETECTOR, SEGMENTER
+
+FORMAT = "maskdistill-export"
+FORMAT_VERSION = "1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+NAMES_FILE = "class_names.json"
+RUN_CONFIG = "config.yaml"
+STAGES = (SEGMENTER, DETECTOR)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One trained stage: the run's config (the architecture), strict-loadable state dict,
+    label count (background included) and one name per label."""
+
+    config: ExperimentConfig
+    state: dict[str, Tensor]
+    num_classes: int
+    class_names: list[str]
+
+
+def default_class_names(num_classes: int) -> list[str]:
+    """Label names before any matching: "background", "cluster 0", "cluster 1", ..."""
+    return ["background", *(f"cluster {k}" for k in range(num_classes - 1))]
+
+
+def is_export(source: str) -> bool:
+    """Whether `source` (path or URI) is an export folder (it has config.json)."""
+    return is_file(join(source, CONFIG_FILE))
+
+
+def model_file(source: str, stage: str) -> str:
+    """Where the run directory or export folder `source` keeps its trained `stage` weights."""
+    return join(source, stage, WEIGHTS_FILE if is_export(source) else MODEL_FILE)
+
+
+def has_model(source: str, stage: str) -> bool:
+    """Whether the run directory or export folder `source` holds trained `stage` weights."""
+    return is_file(model_file(source, stage))
+
+
+def read_config(source: str) -> ExperimentConfig:
+    """The config of an export folder (config.json) or a run directory (config.yaml);
+    FileNotFoundError naming `source` when it is neither."""
+    if is_export(source):
+        uri = join(source, CONFIG_FILE)
+        return validate_config(json.loads(storage.read_bytes(uri)), source=uri)
+    if is_file(join(source, RUN_CONFIG)):
+        return RunDir(source).read_config()
+    raise FileNotFoundError(
+        f"{source}: neither an export folder ({CONFIG_FILE}) nor a run directory ({RUN_CONFIG})"
+    )
+
+
+def read_model(source: str, stage: str, *, config: ExperimentConfig | None = None) -> LoadedModel:
+    """The trained `stage` (segmenter or detector) of an export folder or a run directory, with
+    `config` (the architecture) when given, else the source's own.
+
+    FileNotFoundError naming the file when that stage has no weights there, or naming `source`
+    when it is neither. Never creates anything at `source`.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
+    config = config or read_config(source)
+    if is_export(source):
+        return _read_export(source, stage, config)
+    return _read_run(source, stage, config)
+
+
+def _read_export(source: str, stage: str, config: ExperimentConfig) -> LoadedModel:
+    """`<stage>/model.safetensors` and class_names.json of an export folder."""
+    uri = join(source, stage, WEIGHTS_FILE)
+    if not is_file(uri):
+        raise FileNotFoundError(f"{uri}: no trained {stage} in this export")
+    data = storage.read_bytes(uri)
+    metadata = safetensors_metadata(data)
+    if metadata.get("stage") != stage:
+        raise ValueError(f"{uri}: holds stage {metadata.get('stage')!r}, not {stage!r}")
+    names = json.loads(storage.read_bytes(join(source, NAMES_FILE)))["names"]
+    return LoadedModel(config, load_safetensors(data), int(metadata["num_classes"]), list(names))
+
+
+def _read_run(source: str, stage: str, config: ExperimentConfig) -> LoadedModel:
+    """`<stage>/model.pt` and, when evaluated, the matched class names of a run."""
+    run = RunDir(source)
+    weights = read_weights(run, stage)
+    num_classes = int(weights["num_classes"])
+    names = default_class_names(num_classes)
+    if run.exists(*CLASS_NAMES_FILE):
+        names = list(run.read_json(*CLASS_NAMES_FILE)["names"])
+    return LoadedModel(config, weights["model"], num_classes, names)
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (its `__metadata__`, {} if none)."""
+    size = int.from_bytes(data[:8], "little")  # the format: u64 header length, JSON header
+    header = json.loads(data[8 : 8 + size])
+    metadata: dict[str, str] = header.get("__metadata__", {})
+    return metadata
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def is_file(uri: str) -> bool:
+    filesystem, path = storage.resolve(uri)
+    return bool(filesystem.get_file_info(path).type == pafs.FileType.File)
