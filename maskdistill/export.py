@@ -580,10 +580,12 @@ def _limits(config: ExperimentConfig, loaded: LoadedModel, named: bool) -> list[
         "not a fixed taxonomy: a cluster may merge classes or split one. " + names,
         "- Object classes only: mining finds one salient object per image, so stuff classes "
         "(sky, road) and small or crowded objects are segmented poorly.",
-        f"- The segmenter predicts at the input's own resolution (A.3); it was trained on "
-        f"{config.segmenter.crop_size} px crops, and at output stride "
-        f"{config.segmenter.output_stride} its memory grows with the image's pixel count. The "
-        f"detector resizes images to a shorter side of {config.detector.test_short_side} px.",
+        f"- The evaluation ran the segmenter at each image's own resolution (A.3); it was "
+        f"trained on {config.segmenter.crop_size} px crops, and at output stride "
+        f"{config.segmenter.output_stride} its memory grows with the pixel count, so `predict "
+        f"--max-side` and `serve.max_side` (640 by default) bound the forward pass and upsample "
+        f"the answer. The detector resizes images to a shorter side of "
+        f"{config.detector.test_short_side} px.",
         f"- Trained on `{config.data.kind}` data: other domains are untested.",
         "",
     ]

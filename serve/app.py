@@ -6,9 +6,10 @@
 Each replica loads the segmenter and the class names of a run directory or an export folder
 (`Segmenter.load`), the distilled Mask R-CNN too when there is one (`POST /instances`),
 on its GPU when it was given one (`serve.num_gpus`). Concurrent requests are batched by
-`@serve.batch` on `segment_batch`; the response header X-Batch-Size tells how many images
-shared the forward pass. Settings come from the run's `config.yaml` `serve:` section, each
-key overridable in the builder's args (or `--set key=value`).
+`@serve.batch` on `segment_batch`; the response header X-Batch-Size tells how many requests
+shared the call (those of one padded size one forward pass, `Segmenter`). Settings come from the
+run's `config.yaml` `serve:` section, each key overridable in the builder's args (or `--set
+key=value`).
 """
 
 import argparse
