@@ -11,8 +11,6 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-import pyarrow.fs as pafs
-
 from maskdistill import storage
 from maskdistill.config import ConfigError, ExperimentConfig, add_config_args, load_config
 from maskdistill.rundir import RunDir
@@ -94,8 +92,7 @@ def show_status(run_dir: str, path: str | None, overrides: Sequence[str]) -> int
     """Print the run's stage table against the config; 1 when it is not a run directory."""
     from maskdistill.stages import run_status, status_table
 
-    fs, root = storage.resolve(run_dir)
-    if fs.get_file_info(f"{root.rstrip('/')}/config.yaml").type != pafs.FileType.File:
+    if not storage.is_file(f"{run_dir.rstrip('/')}/config.yaml"):
         print(f"error: {run_dir}: not a run directory (no config.yaml)", file=sys.stderr)
         return 1
     run = RunDir(run_dir)

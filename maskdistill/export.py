@@ -46,7 +46,7 @@ from maskdistill import storage
 from maskdistill.backbones import to_model_input
 from maskdistill.config import ExperimentConfig
 from maskdistill.inference import build_model
-from maskdistill.outputs import CLASS_NAMES_FILE, METRICS_FILE, MODEL_FILE, read_metrics
+from maskdistill.outputs import CLASS_NAMES_FILE, METRICS_FILE, read_metrics
 from maskdistill.release import (
     CONFIG_FILE,
     FORMAT,
@@ -56,8 +56,9 @@ from maskdistill.release import (
     STAGES,
     WEIGHTS_FILE,
     LoadedModel,
-    is_file,
+    has_model,
     join,
+    model_file,
     read_model,
 )
 from maskdistill.rundir import RunDir
@@ -117,7 +118,7 @@ def export_run(
     if onnx:
         _require_onnx()
     _prepare_target(out, overwrite=overwrite)
-    models = {s: read_model(run_dir, s) for s in STAGES if is_file(join(run_dir, s, MODEL_FILE))}
+    models = {s: read_model(run_dir, s) for s in STAGES if has_model(run_dir, s)}
     formats = [name for name, wanted in (("onnx", onnx), ("torchscript", torchscript)) if wanted]
     report = ExportReport(out)
     for stage, loaded in models.items():
@@ -133,10 +134,10 @@ def export_run(
 
 def _check_source(run_dir: str) -> None:
     """FileNotFoundError unless `run_dir` is a run directory with a trained segmenter."""
-    if not is_file(join(run_dir, RUN_CONFIG)):
+    if not storage.is_file(join(run_dir, RUN_CONFIG)):
         raise FileNotFoundError(f"{run_dir}: not a run directory (no {RUN_CONFIG})")
-    weights = join(run_dir, SEGMENTER, MODEL_FILE)
-    if not is_file(weights):
+    weights = model_file(run_dir, SEGMENTER)
+    if not has_model(run_dir, SEGMENTER):
         raise FileNotFoundError(f"{weights}: no trained segmenter (run train-segmenter first)")
 
 
@@ -353,13 +354,13 @@ def _runner(data: bytes, stage: str, fmt: str) -> Runner:
 
 def _run_metrics(run_dir: str) -> dict[str, Any]:
     """The evaluate stage's metrics.json, {} when the run was not evaluated."""
-    if not is_file(join(run_dir, *METRICS_FILE)):
+    if not storage.is_file(join(run_dir, *METRICS_FILE)):
         return {}
     return read_metrics(RunDir(run_dir))
 
 
 def _has_names(run_dir: str) -> bool:
-    return is_file(join(run_dir, *CLASS_NAMES_FILE))
+    return storage.is_file(join(run_dir, *CLASS_NAMES_FILE))
 
 
 def card_license(config: ExperimentConfig) -> tuple[str, str]:

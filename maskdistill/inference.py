@@ -26,7 +26,7 @@ from torchvision.models.segmentation import DeepLabV3
 from maskdistill.backbones import to_model_input
 from maskdistill.config import DetectorConfig, ExperimentConfig, SegmenterConfig
 from maskdistill.detector import Candidates, build_detector, predict
-from maskdistill.masks import resize_nearest
+from maskdistill.masks import pad_to_multiple, patch_grid, resize_nearest
 from maskdistill.pseudolabels import confident_masks
 from maskdistill.release import LoadedModel, read_model
 from maskdistill.segmenter import build_segmenter
@@ -204,8 +204,10 @@ def working_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]
 
 
 def padded_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
-    """`size` rounded up to multiples of `multiple`: the canonical shape an image is padded to."""
-    return tuple(-(-side // multiple) * multiple for side in size)  # type: ignore[return-value]
+    """`size` rounded up to multiples of `multiple`: the canonical shape an image is padded to
+    (`masks.pad_to_multiple`'s)."""
+    rows, cols = patch_grid(size, multiple)
+    return rows * multiple, cols * multiple
 
 
 class Segmenter:
@@ -270,10 +272,10 @@ class Segmenter:
 
     def segment(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """int64 label maps [H, W], one per image (the argmax taken on the model's device)."""
-        _check_images(images)
         if self.max_side is None:
             labels = self._full_size(images, lambda logits: logits.argmax(dim=1))
             return [t.cpu().numpy() for t in labels]
+        _check_images(images)
         small = self._scaled(images)
         return [
             upsampled_argmax(logits, image.shape[:2]).cpu().numpy()
@@ -282,7 +284,8 @@ class Segmenter:
 
     def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """float32 softmax [C, H, W] per image (for the dense CRF)."""
-        return [t.softmax(dim=0).numpy() for t in self.logits(images)]
+        softmax = self._full_size(images, lambda logits: logits.float().softmax(dim=1))
+        return [t.cpu().numpy() for t in softmax]
 
     def _full_size(
         self, images: Sequence[np.ndarray], reduce: Callable[[Tensor], Tensor]
@@ -323,11 +326,9 @@ class Segmenter:
         for i, x in enumerate(inputs):
             by_shape[padded_size((x.shape[-2], x.shape[-1]), self.pad_multiple)].append(i)
         out: list[Tensor | None] = [None] * len(images)
-        for (height, width), indices in by_shape.items():
-            batch = inputs[indices[0]].new_zeros(len(indices), 3, height, width)
+        for indices in by_shape.values():
+            batch = torch.stack([pad_to_multiple(inputs[i], self.pad_multiple) for i in indices])
             sizes = [tuple(inputs[i].shape[-2:]) for i in indices]
-            for row, i in enumerate(indices):
-                batch[row, :, : sizes[row][0], : sizes[row][1]] = inputs[i]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 logits = padded_forward(self.model, batch, sizes)  # type: ignore[arg-type]
             for row, i in enumerate(indices):
@@ -367,10 +368,11 @@ def padded_forward(model: DeepLabV3, batch: Tensor, sizes: Sequence[tuple[int, i
     own features only, so the padding does not dilute the global context."""
     features = model.backbone(batch)["out"]
     aspp, *head = model.classifier
-    stride = batch.shape[-2] // features.shape[-2]
+    stride = -(-batch.shape[-2] // features.shape[-2])  # the output stride, from the shapes
     valid = features.new_zeros(len(sizes), 1, *features.shape[-2:])
-    for row, (height, width) in enumerate(sizes):
-        valid[row, :, : -(-height // stride), : -(-width // stride)] = 1
+    for row, size in enumerate(sizes):
+        rows, cols = patch_grid(size, stride)  # the features of the image, padding left out
+        valid[row, :, :rows, :cols] = 1
     *branches, pooling = aspp.convs
     pooled = (features * valid).sum(dim=(2, 3), keepdim=True) / valid.sum(dim=(2, 3), keepdim=True)
     for module in list(pooling)[1:]:  # ASPPPooling: AdaptiveAvgPool2d, then conv, BN, ReLU

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import pyarrow.fs as pafs
 from safetensors.torch import load as load_safetensors
 from torch import Tensor
 
@@ -48,7 +47,7 @@ def default_class_names(num_classes: int) -> list[str]:
 
 def is_export(source: str) -> bool:
     """Whether `source` (path or URI) is an export folder (it has config.json)."""
-    return is_file(join(source, CONFIG_FILE))
+    return storage.is_file(join(source, CONFIG_FILE))
 
 
 def model_file(source: str, stage: str) -> str:
@@ -58,7 +57,7 @@ def model_file(source: str, stage: str) -> str:
 
 def has_model(source: str, stage: str) -> bool:
     """Whether the run directory or export folder `source` holds trained `stage` weights."""
-    return is_file(model_file(source, stage))
+    return storage.is_file(model_file(source, stage))
 
 
 def read_config(source: str) -> ExperimentConfig:
@@ -67,7 +66,7 @@ def read_config(source: str) -> ExperimentConfig:
     if is_export(source):
         uri = join(source, CONFIG_FILE)
         return validate_config(json.loads(storage.read_bytes(uri)), source=uri)
-    if is_file(join(source, RUN_CONFIG)):
+    if storage.is_file(join(source, RUN_CONFIG)):
         return RunDir(source).read_config()
     raise FileNotFoundError(
         f"{source}: neither an export folder ({CONFIG_FILE}) nor a run directory ({RUN_CONFIG})"
@@ -92,7 +91,7 @@ def read_model(source: str, stage: str, *, config: ExperimentConfig | None = Non
 def _read_export(source: str, stage: str, config: ExperimentConfig) -> LoadedModel:
     """`<stage>/model.safetensors` and class_names.json of an export folder."""
     uri = join(source, stage, WEIGHTS_FILE)
-    if not is_file(uri):
+    if not storage.is_file(uri):
         raise FileNotFoundError(f"{uri}: no trained {stage} in this export")
     data = storage.read_bytes(uri)
     metadata = safetensors_metadata(data)
@@ -123,8 +122,3 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
 
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
-
-
-def is_file(uri: str) -> bool:
-    filesystem, path = storage.resolve(uri)
-    return bool(filesystem.get_file_info(path).type == pafs.FileType.File)

@@ -32,7 +32,7 @@ class RunDir:
 
     def __init__(self, uri: str) -> None:
         self.fs, self.root = storage.resolve(uri)
-        self.uri = uri if "://" in uri else self.root  # absolute, valid in any worker's cwd
+        self.uri = storage.absolute(uri)  # valid in any worker's cwd
         self.fs.create_dir(self.root, recursive=True)
 
     def path(self, *parts: str) -> str:

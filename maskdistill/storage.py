@@ -16,6 +16,17 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
+def absolute(uri: str) -> str:
+    """`uri` as every process can use it: a URI as is, a local path made absolute."""
+    return uri if "://" in uri else resolve(uri)[1]
+
+
+def is_file(uri: str) -> bool:
+    """Whether `uri` names an existing file (not a folder)."""
+    filesystem, path = resolve(uri)
+    return bool(filesystem.get_file_info(path).type == pafs.FileType.File)
+
+
 def is_local(uri: str) -> bool:
     """Whether `uri` is on the local filesystem (a path or file://), where files can be
     appended to and tools can write in place; told by the scheme alone (no filesystem made)."""

@@ -289,7 +289,7 @@ def serve_config(
     fs, root = storage.resolve(run_dir)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    uri = run_dir if "://" in run_dir else root  # absolute, valid on every node
+    uri = storage.absolute(run_dir)  # valid on every node
     raw = read_config(uri).model_dump(mode="json")
     raw["serve"].update(overrides or {})
     config = validate_config(raw, source=f"{uri}'s config with serve overrides")
