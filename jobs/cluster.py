@@ -5,8 +5,13 @@
 Reads the `mine` parts of every split, fits the feature transform and K-means on the train
 split (or on `clustering.support_split`, Sec 4.1: all COCO images for COCO20k), and writes
 `run_dir/cluster/<split>.parquet` (the mined rows plus `cluster`, 0-based), the model as
-`cluster/kmeans.npz` and `cluster/manifest.json` (K, inertia, cluster sizes). K-means on a few
-hundred thousand features takes seconds on the driver, so this stage needs no workers.
+`cluster/kmeans.npz` and `cluster/manifest.json` (K, inertia, cluster sizes). With
+`clustering.num_clusters: auto` (the default for data without classes) K is the one in
+`clustering.k_range` with the highest mean silhouette; the curve goes to `cluster/k_sweep.png`
+and `.json`. K-means on a few hundred thousand features takes seconds on the driver, so this
+stage needs no workers. Last, it writes the train split's cluster gallery, `cluster/gallery/`
+(`maskdistill.gallery`): per cluster its masks nearest and farthest from the centroid as
+`cluster_NNN.png`, a contact sheet, `index.html` and `gallery.json`.
 """
 
 from __future__ import annotations
@@ -17,9 +22,18 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.common import execute_stage, stage_main
-from maskdistill.clustering import KMeansResult, assign, fit_kmeans, num_clusters_for
+from maskdistill.clustering import (
+    KMeansResult,
+    KScore,
+    assign,
+    choose_k,
+    fit_kmeans,
+    num_clusters_for,
+)
+from maskdistill.clusters import candidates, kmeans_options, sweep, write_sweep
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import build_dataset
+from maskdistill.gallery import write_cluster_gallery
 from maskdistill.outputs import (
     LABELED_SCHEMA,
     features_of,
@@ -35,16 +49,19 @@ from maskdistill.stages import CLUSTER
 STAGE = CLUSTER
 
 
-def cluster_count(config: ExperimentConfig) -> int:
-    """K: `clustering.num_clusters`, else the data set's class count, times overclustering."""
-    classes = len(build_dataset(config.data, config.data.train_split).class_names)
-    if config.clustering.num_clusters is None and classes == 0:
-        raise ValueError(
-            f"clustering.num_clusters must be set: data.kind={config.data.kind!r} has no classes"
-        )
-    return num_clusters_for(
-        config.clustering.num_clusters, classes, config.clustering.overclustering
-    )
+def cluster_count(config: ExperimentConfig, features: np.ndarray) -> tuple[int, list[KScore], int]:
+    """K: `clustering.num_clusters`, else the data set's class count, else (or with `auto`)
+    the silhouette's choice over `clustering.k_range` on `features`; times overclustering.
+    Also the sweep's scores ([] without one) and the K it chose."""
+    clustering = config.clustering
+    wanted = clustering.num_clusters
+    if wanted is None:
+        wanted = len(build_dataset(config.data, config.data.train_split).class_names) or "auto"
+    if isinstance(wanted, int):
+        return num_clusters_for(wanted, 0, clustering.overclustering), [], wanted
+    scores = sweep(config, features, candidates(*clustering.k_range, len(features)))
+    chosen = choose_k(scores)
+    return num_clusters_for(chosen, 0, clustering.overclustering), scores, chosen
 
 
 def cluster_splits(config: ExperimentConfig, run: RunDir, manifest: StageManifest) -> None:
@@ -53,16 +70,18 @@ def cluster_splits(config: ExperimentConfig, run: RunDir, manifest: StageManifes
     tables = {split: read_mined(run, split) for split in mined_splits(config)}
     train = tables[config.data.train_split]
     support = tables[clustering.support_split] if clustering.support_split else None
-    result = fit_kmeans(
-        features_of(train),
-        cluster_count(config),
-        n_init=clustering.n_init,
-        iterations=clustering.iterations,
-        seed=clustering.seed,
-        whiten=clustering.whiten,
-        l2_normalize=clustering.l2_normalize,
-        support=None if support is None else features_of(support),
-    )
+    train_features = features_of(train)
+    support_features = None if support is None else features_of(support)
+    fit_on = train_features if support_features is None else support_features
+    count, scores, base = cluster_count(config, fit_on)
+    if scores:
+        picture = write_sweep(run, CLUSTER, scores, base)
+        print(
+            f"{STAGE}: K = {base} by silhouette over K = {scores[0].k}-{scores[-1].k} ({picture})"
+        )
+        manifest.metrics.update({"k_auto": base, "silhouette": _best(scores, base)})
+    options = kmeans_options(clustering)
+    result = fit_kmeans(train_features, count, support=support_features, **options)
     write_kmeans(run, result)
     for split, table in tables.items():
         labels = result.labels if split == config.data.train_split else _assign(table, result)
@@ -75,6 +94,11 @@ def cluster_splits(config: ExperimentConfig, run: RunDir, manifest: StageManifes
         {"clusters": len(result.centroids), "inertia": result.inertia, "smallest": int(sizes.min())}
     )
     manifest.metrics.update({f"size_{k}": int(n) for k, n in enumerate(sizes)})
+    write_cluster_gallery(config, run)
+
+
+def _best(scores: list[KScore], k: int) -> float:
+    return next(s.silhouette for s in scores if s.k == k)
 
 
 def _assign(table: pa.Table, result: KMeansResult) -> np.ndarray:

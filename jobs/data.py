@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from jobs.common import execute_stage, start
 from maskdistill.config import ExperimentConfig
+from maskdistill.console import Bar
 from maskdistill.data import build_dataset
 from maskdistill.data.base import Dataset, Sample, UnreadableImage
 from maskdistill.outputs import INDEX_SCHEMA, index_path, write_table
@@ -34,7 +34,9 @@ def index_split(
     rows: list[dict[str, object]] = []
     shown: list[Sample] = []
     image_ids = dataset.image_ids()
-    for image_id in tqdm(image_ids, desc=f"data:{split}", unit="img"):
+    progress = Bar(f"data:{split}", len(image_ids), "img")
+    for image_id in image_ids:
+        progress.update()
         try:
             sample = dataset.load(image_id)
         except UnreadableImage as err:
@@ -51,6 +53,7 @@ def index_split(
         )
         if len(shown) < preview:
             shown.append(sample)
+    progress.close()
     table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
     write_table(run, table, *index_path(split))
     if shown:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from jobs import pipeline
 from jobs.common import start
+from maskdistill import console
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import build_dataset
 from maskdistill.outputs import TABLE1_FILE
@@ -53,6 +54,7 @@ def query_service(config: ExperimentConfig) -> dict[str, Any]:
     """Start the service on this run, segment one held-out image, save the answer, stop."""
     from serve import app
 
+    console.quiet_loggers()  # Ray Serve gave its logger a console handler when imported
     run = RunDir(config.run_dir)
     url = app.start(run.uri)
     try:
@@ -76,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = RunDir(config.run_dir)
     print(pipeline.summary(run, ran))
     print()
-    print(run.read_bytes(*TABLE1_FILE).decode())
+    print(run.read_bytes(*TABLE1_FILE).decode(), end="")
     found = ", ".join(f"{c['name']} ({c['pixels']} px)" for c in answer["classes"])
     print(f"service answer for one held-out image: {found}")
     print(f"picture: {answer['picture']}")

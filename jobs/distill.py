@@ -7,6 +7,9 @@ the train and val images. Each image keeps its candidates with score > `pseudo_l
 its single most confident one when none passes (Sec 4.1), merged into a semantic map where the
 most confident mask wins. Parts `run_dir/distill/<split>/part-NNNNN.parquet` hold, per image, the
 label map as a PNG, the kept count, and every candidate (RLE, box, score, class) for mask AP.
+Last, the train split's kept masks are drawn into `distill/gallery/` (`maskdistill.gallery`),
+the cluster gallery again after the detector: per class its highest- and lowest-scoring kept
+masks as `cluster_NNN.png`, a contact sheet, `index.html` and `gallery.json`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from jobs.common import execute_stage, stage_main
 from jobs.sharded import ShardedMap, objects, run_sharded
 from maskdistill.config import ExperimentConfig
 from maskdistill.detector import predict
+from maskdistill.gallery import write_distill_gallery
 from maskdistill.inference import load_detector
 from maskdistill.masks import encode_rle
 from maskdistill.outputs import PSEUDO_SCHEMA, mined_splits, pseudo_folder
@@ -111,6 +115,7 @@ def run_stage(config: ExperimentConfig, *, force: bool = False) -> StageManifest
     def distill_all(manifest: StageManifest) -> None:
         for split in mined_splits(config):
             distill_split(config, run, split, manifest)
+        write_distill_gallery(config, run)
 
     run = RunDir(config.run_dir)
     return execute_stage(config, STAGE, distill_all, force=force)

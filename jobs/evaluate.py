@@ -14,10 +14,12 @@ from collections.abc import Sequence
 
 import ray
 
-from jobs.common import execute_stage, stage_main
+from jobs.common import connect, execute_stage, start
 from maskdistill.config import ExperimentConfig
+from maskdistill.console import PROGRESS_FILE, follow
 from maskdistill.evaluate import evaluate
-from maskdistill.rundir import StageManifest
+from maskdistill.outputs import TABLE1_FILE
+from maskdistill.rundir import RunDir, StageManifest
 from maskdistill.stages import EVALUATE
 
 STAGE = EVALUATE
@@ -26,7 +28,8 @@ STAGE = EVALUATE
 def _body(config: ExperimentConfig, manifest: StageManifest) -> None:
     res = config.evaluation.resources
     task = ray.remote(num_gpus=res.num_gpus, num_cpus=res.num_cpus)(evaluate)
-    metrics, skipped, scored = ray.get(task.remote(config))
+    with follow(RunDir(config.run_dir).uri_of(STAGE, PROGRESS_FILE)):  # the task's bar
+        metrics, skipped, scored = ray.get(task.remote(config))
     for image_id, reason in skipped:
         manifest.skip(image_id, reason)
     manifest.inputs, manifest.outputs = scored + len(skipped), scored
@@ -39,7 +42,14 @@ def run_stage(config: ExperimentConfig, *, force: bool = False) -> StageManifest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return stage_main(__doc__, argv, run_stage)
+    """The stage, then its Table 1 (the other tables and pictures are files of the stage)."""
+    config, args = start(__doc__, argv)
+    connect()
+    run_stage(config, force=args.force)
+    run = RunDir(config.run_dir)
+    print(run.read_bytes(*TABLE1_FILE).decode(), end="")
+    print(f"per class, mask AP, pictures: {run.path(STAGE)}")
+    return 0
 
 
 if __name__ == "__main__":

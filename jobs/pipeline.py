@@ -14,21 +14,28 @@ finished shards or latest checkpoint; one made with another config is moved asid
 Resource settings (`<section>.resources`) never make a stage stale. `--from STAGE` reruns that
 stage and every later one, `--only STAGE` runs one stage; the stages before them must be
 complete for this config. `--force` reruns every selected stage, deleting its output. The run
-ends with a summary table (stage, rows, time, key metric).
+ends with a summary table (stage, rows, time, key metric) and Table 1.
+
+The console shows a line as each stage starts and ends, its progress bar (on a terminal; in a
+file, a line a minute), warnings that concern the run and the tables; Ray's own output goes to
+`run_dir/logs/` (`--verbose` prints it here). A failing stage's line names it before the error.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections.abc import Sequence
 from types import ModuleType
 
 from jobs import cluster, data, distill, evaluate, mine, pretrain, train_detector, train_segmenter
 from jobs.common import connect, start
+from maskdistill import console
 from maskdistill.config import ExperimentConfig
+from maskdistill.outputs import TABLE1_FILE
 from maskdistill.rundir import RunDir, read_manifest, stage_state
-from maskdistill.stages import DATA, NAMES, STAGES, fingerprint, needed
+from maskdistill.stages import DATA, NAMES, OFF, STAGES, fingerprint, needed
 
 # Every stage driver has `STAGE` and `run_stage(config, *, force)`.
 _ORDER = (data, pretrain, mine, cluster, train_detector, distill, train_segmenter, evaluate)
@@ -41,10 +48,7 @@ def selected(config: ExperimentConfig, args: argparse.Namespace) -> list[str]:
     names = needed(config)
     chosen = args.only or args.start
     if chosen and chosen not in names:
-        raise SystemExit(
-            f"error: stage {chosen!r} is off for this config (it runs only with "
-            "backbone.weights: pretrain)"
-        )
+        raise SystemExit(f"error: stage {chosen!r} is off for this config ({OFF[chosen]})")
     if args.only:
         return [args.only]
     if args.start:
@@ -98,10 +102,19 @@ def run_pipeline(config: ExperimentConfig, args: argparse.Namespace) -> dict[str
     for number, name in enumerate(stages, start=1):
         print(f"== stage {number}/{len(stages)}: {name} ==", flush=True)
         begin = time.perf_counter()
-        if name != DATA:
-            connect()
-        force = args.force or (args.start is not None)
-        ran[name] = DRIVERS[name].run_stage(config, force=force) is not None
+        try:
+            if name != DATA:
+                connect()
+            force = args.force or (args.start is not None)
+            ran[name] = DRIVERS[name].run_stage(config, force=force) is not None
+        except BaseException as err:
+            log = console.log_path()
+            print(
+                f"== {name}: failed after {time.perf_counter() - begin:.1f} s: {_cause(err)}"
+                f"{f' (Ray and library output: {log})' if log else ''} ==",
+                flush=True,
+            )
+            raise
         print(
             f"== {name}: {'done' if ran[name] else 'reused'} in "
             f"{time.perf_counter() - begin:.1f} s ==",
@@ -110,10 +123,28 @@ def run_pipeline(config: ExperimentConfig, args: argparse.Namespace) -> dict[str
     return ran
 
 
+def _cause(err: BaseException) -> str:
+    """The exception's type and the start of its message's first line (the traceback, which
+    follows, has the rest)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # Ray colours actor names
+    first = text.splitlines()[0] if text else ""
+    first = first if len(first) <= 160 else first[:157] + "..."
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def table1(run: RunDir) -> str:
+    """The run's Table 1 as the evaluate stage wrote it ("" before it ran)."""
+    return run.read_bytes(*TABLE1_FILE).decode() if run.exists(*TABLE1_FILE) else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config, args = start(__doc__, argv, extra=add_arguments)
     ran = run_pipeline(config, args)
-    print(summary(RunDir(config.run_dir), ran))
+    run = RunDir(config.run_dir)
+    print(summary(run, ran))
+    if table := table1(run):
+        print()
+        print(table, end="")
     return 0
 
 

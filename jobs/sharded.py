@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
-from tqdm import tqdm
 
 from maskdistill.config import ActorResources, DataConfig
+from maskdistill.console import Bar
 from maskdistill.data import UnreadableImage, dataset_of
 from maskdistill.rundir import RunDir, StageManifest
 from maskdistill.shards import (
@@ -124,7 +124,7 @@ def _process(run: RunDir, spec: ShardedMap, pending: dict[int, list[str]]) -> No
     missing = {shard: set(ids) for shard, ids in pending.items()}
     rows: dict[int, dict[str, dict[str, object]]] = defaultdict(dict)
     skipped: dict[int, dict[str, dict[str, str]]] = defaultdict(dict)
-    with tqdm(total=len(items), desc=f"{spec.desc}:{spec.split}", unit="img") as progress:
+    with Bar(f"{spec.desc}:{spec.split}", len(items), "img") as progress:
         for out in outputs.iter_rows():
             shard, image_id = int(out["shard"]), str(out["image_id"])
             if image_id not in missing.get(shard, ()):

@@ -9,6 +9,8 @@ iteration, rank 0 checkpoints every `segmenter.checkpoint_every_epochs` epochs t
 a failed worker group restarts from the latest checkpoint, a NaN loss stops the run. The loss is
 Eq 4: cross-entropy over the hardest `segmenter.hard_pixel_fraction` of the valid pixels of
 each batch. Schedule milestones are in epochs. The weights end in `segmenter/model.pt`.
+The classes are the run's names.yaml groups (`maskdistill.names`): merged clusters train as
+one class, background clusters as background; `cluster_labels` in model.pt records the map.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from maskdistill.config import ExperimentConfig, LRSchedule
 from maskdistill.data import dataset_of
 from maskdistill.engine import build_scheduler, scaled_lr, trainable
 from maskdistill.inference import segmenter_from_config
-from maskdistill.outputs import num_classes, read_pseudo
+from maskdistill.outputs import class_map, read_pseudo
 from maskdistill.rundir import RunDir, StageManifest
 from maskdistill.segmenter import SegmentationSamples, segmenter_losses
 from maskdistill.stages import SEGMENTER
@@ -56,8 +58,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config, run, device = worker.config, worker.run, worker.device
     rows = training_rows(config, run)
     per_epoch, max_iters, schedule = iteration_schedule(config, len(rows))
-    classes = num_classes(run)
-    model = ray.train.torch.prepare_model(segmenter_from_config(seg, num_classes=classes))
+    classes = class_map(run)
+    model = ray.train.torch.prepare_model(
+        segmenter_from_config(seg, num_classes=classes.num_classes)
+    )
     optimizer = torch.optim.SGD(
         trainable(model.parameters()),
         lr=scaled_lr(schedule, seg.batch_size),
@@ -71,6 +75,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scale_range=seg.scale_range,
         rotation_degrees=seg.rotation_degrees,
         seed=config.seed,
+        label_lookup=classes.lookup(),
     )
 
     def batch_at(iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +106,10 @@ def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] 
     """Run the TorchTrainer; export the final weights to `segmenter/model.pt`."""
     run = RunDir(config.run_dir)
     losses = fit_stage(train_loop_per_worker, config, STAGE, config.segmenter, hooks)
-    state = export_weights(run, STAGE, num_classes=num_classes(run))
+    classes = class_map(run)
+    state = export_weights(
+        run, STAGE, num_classes=classes.num_classes, cluster_labels=list(classes.labels)
+    )
     manifest.inputs = len(training_rows(config, run))
     manifest.outputs = int(state["iteration"])
     manifest.metrics.update(losses)

@@ -20,6 +20,7 @@ from ray.util.metrics import Gauge
 
 from jobs.common import execute_stage
 from maskdistill.config import ExperimentConfig, TrainingResources
+from maskdistill.console import PROGRESS_FILE, ProgressFile, follow
 from maskdistill.engine import (
     Checkpointer,
     CurveWriter,
@@ -68,18 +69,20 @@ def fit_stage(
     hooks: Sequence[Any] = (),
 ) -> dict[str, float]:
     """`fit_workers` for one stage (its section's workers, its run-directory folder); returns
-    rank 0's last losses, as floats."""
+    rank 0's last losses, as floats. The console shows rank 0's iterations as the stage's bar."""
     res = section.resources
-    metrics = fit_workers(
-        loop,
-        {"config": config, "hooks": list(hooks)},
-        name=stage,
-        storage_path=RunDir(config.run_dir).uri_of(stage, "ray"),
-        num_workers=res.num_workers,
-        use_gpu=res.use_gpu,
-        cpus_per_worker=res.cpus_per_worker,
-        max_failures=res.max_failures,
-    )
+    run = RunDir(config.run_dir)
+    with follow(run.uri_of(stage, PROGRESS_FILE)):
+        metrics = fit_workers(
+            loop,
+            {"config": config, "hooks": list(hooks)},
+            name=stage,
+            storage_path=run.uri_of(stage, "ray"),
+            num_workers=res.num_workers,
+            use_gpu=res.use_gpu,
+            cpus_per_worker=res.cpus_per_worker,
+            max_failures=res.max_failures,
+        )
     return {name: float(value) for name, value in metrics.items() if name != "iteration"}
 
 
@@ -136,6 +139,11 @@ class Worker:
         losses to Ray Train every `log_every` iterations (curves in `<stage>/tensorboard`) and at
         the end (or the NaN error, which the driver raises)."""
         main = self.rank == 0
+        hooks = list(self.hooks)
+        if main:  # the driver's bar (`fit_stage`): iterations done, at most every few seconds
+            progress = ProgressFile(self.run.uri_of(stage, PROGRESS_FILE))
+            progress.start(stage, max_iters, "it")
+            hooks.append(progress.update)
         spec = TrainSpec(
             max_iters=max_iters,
             checkpoint_every=checkpoint_every,
@@ -147,7 +155,7 @@ class Worker:
             bf16=self.device.type == "cuda" and section.precision == "bf16",
             is_main=main,
             barrier=barrier,
-            hooks=self.hooks,
+            hooks=hooks,
             all_finite=all_finite(self.device),
             log_every=section.resources.log_every,
             images_per_iter=section.batch_size // self.world * self.world,
@@ -160,6 +168,8 @@ class Worker:
         except NonFiniteLoss as err:
             report_to_driver({"error": str(err)}, rank=self.rank)
             return
+        if main:
+            progress.update(max_iters, force=True)
         report_to_driver({"iteration": max_iters, **last}, rank=self.rank)
 
 

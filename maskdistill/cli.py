@@ -1,7 +1,7 @@
 """`maskdistill` command line: validate configs, see where a run stands, run the stages.
 
 Commands that need Ray (the stage drivers in `jobs/`, `serve`) import it only when called;
-`config`, `status`, `predict` and `export` never do.
+`config`, `status`, `predict`, `export`, `export-labels` and `clusters` never do.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ HELP = {
     "serve": "HTTP segmentation service for a trained run (Ray Serve)",
     "predict": "label PNGs for a folder / URI of images (no Ray)",
     "export": "release a trained run: safetensors, model card, --onnx, --torchscript (no Ray)",
+    "export-labels": "pseudo labels (--stage mine|distill) as COCO JSON for CVAT etc. (no Ray)",
+    "clusters": "a run's clusters and names; --k sweeps K, --init-names writes names.yaml (no Ray)",
 }
 
 
@@ -73,6 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from maskdistill.export import main as export
 
         return export(argv[1:])
+    if argv and argv[0] == "export-labels":
+        from maskdistill.labels_export import main as export_labels
+
+        return export_labels(argv[1:])
+    if argv and argv[0] == "clusters":
+        from maskdistill.clusters import main as clusters
+
+        return clusters(argv[1:])
     if argv and argv[0] in DRIVERS:
         job = importlib.import_module(DRIVERS[argv[0]])
         return int(job.main(argv[1:]))

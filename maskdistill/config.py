@@ -263,7 +263,17 @@ class ClusteringConfig(Section):
     feature: Literal["crop", "masked"] = Field(
         "crop", description="'crop': CLS of the box crop (release); 'masked': masked image (text)"
     )
-    num_clusters: Positive | None = Field(None, description="None: the data set's class count")
+    num_clusters: Positive | Literal["auto"] | None = Field(
+        None,
+        description="None: the data set's class count (auto when it has none); 'auto': the K "
+        "in k_range with the highest silhouette (`maskdistill clusters RUN --k` shows the curve)",
+    )
+    k_range: tuple[Annotated[int, Field(ge=2)], Positive] = Field(
+        (2, 30), description="K tried by 'auto', both ends included"
+    )
+    k_sample: Annotated[int, Field(ge=100)] = Field(
+        4000, description="points the silhouette is measured on (its cost grows as the square)"
+    )
     overclustering: Annotated[float, Field(ge=1.0)] = 1.0
     whiten: bool = False
     l2_normalize: bool = True
@@ -274,6 +284,15 @@ class ClusteringConfig(Section):
     iterations: Positive = 100
     seed: NonNegative = 0
     support_split: str | None = None
+
+    @model_validator(mode="after")
+    def _k_range_ordered(self) -> ClusteringConfig:
+        low, high = self.k_range
+        if low > high:
+            raise ValueError(
+                f"clustering.k_range={list(self.k_range)}: expected [low, high], low <= high"
+            )
+        return self
 
 
 def _batch_splits(batch_size: int, num_workers: int) -> None:

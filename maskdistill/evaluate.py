@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from maskdistill import crf, outputs, probe
 from maskdistill.config import ExperimentConfig
+from maskdistill.console import PROGRESS_FILE, ProgressFile
 from maskdistill.data import dataset_of
 from maskdistill.data.base import IGNORE_INDEX, Dataset, Sample, SkipLog, iter_samples
 from maskdistill.engine import CurveWriter
@@ -202,7 +202,9 @@ def _pairs(samples: Sequence[Sample]) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(s.image, s.semantic) for s in samples if s.semantic is not None]
 
 
-def _linear_probe(config: ExperimentConfig, segmenter: Segmenter, num_classes: int) -> nn.Conv2d:
+def _linear_probe(
+    config: ExperimentConfig, segmenter: Segmenter, num_classes: int, bar: ProgressFile
+) -> nn.Conv2d:
     """A.2: a 1x1 conv on the frozen segmenter, trained on the labelled train split."""
     ev = config.evaluation
     train = dataset_of(config.data, config.data.train_split)
@@ -211,10 +213,12 @@ def _linear_probe(config: ExperimentConfig, segmenter: Segmenter, num_classes: i
     if not pairs:
         raise ValueError(f"linear probe: split {config.data.train_split!r} has no ground truth")
     curves = CurveWriter(RunDir(config.run_dir).uri_of(EVALUATE, "tensorboard", "probe"))
+    bar.start(f"{EVALUATE}:probe", ev.probe_epochs, "epoch")
 
     def progress(epoch: int, loss: float, lr: float) -> None:
         print(f"linear probe epoch {epoch + 1}/{ev.probe_epochs}: loss {loss:.4f}, lr {lr:.3g}")
         curves.add(epoch, {"loss_probe": loss, "lr": lr})  # one point per epoch
+        bar.update(epoch + 1)
 
     try:
         return probe.fit_linear_probe(
@@ -246,7 +250,8 @@ def _mask_ap(findings: Findings) -> dict[str, dict[str, float]]:
 
 
 def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, list[str]]:
-    """Score every stage on the val split: (metrics, what was gathered, class names)."""
+    """Score every stage on the val split: (metrics, what was gathered, class names). How far
+    it got is in `evaluate/progress.json` (the driver's bar)."""
     ev, run, split = config.evaluation, RunDir(config.run_dir), config.data.val_split
     if split is None:
         raise ValueError("evaluation needs data.val_split: a split with ground truth")
@@ -259,15 +264,19 @@ def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, 
         DETECTOR: _rows_by_id(outputs.read_pseudo(run, split)),
     }
     findings = Findings(segmenter.num_classes, len(class_names), ev.num_overlays)
-    linear_probe = _linear_probe(config, segmenter, len(class_names)) if ev.linear_probe else None
+    bar = ProgressFile(run.uri_of(EVALUATE, PROGRESS_FILE))
+    linear_probe = (
+        _linear_probe(config, segmenter, len(class_names), bar) if ev.linear_probe else None
+    )
     image_ids = dataset.image_ids()
-    for start in tqdm(
-        range(0, len(image_ids), ev.resources.batch_size), desc="evaluate", unit="batch"
-    ):
+    bar.start(f"{EVALUATE}:{split}", len(image_ids), "img")
+    for start in range(0, len(image_ids), ev.resources.batch_size):
         batch = labelled(
             dataset, image_ids[start : start + ev.resources.batch_size], findings.skips
         )
         score_batch(findings, segmenter, batch, tables, dense_crf=ev.crf, linear_probe=linear_probe)
+        bar.update(min(start + ev.resources.batch_size, len(image_ids)))
+    bar.update(len(image_ids), force=True)
     if SEGMENTER not in findings.confusion:
         raise ValueError(f"split {split!r}: no image with semantic ground truth to evaluate")
     metrics: dict[str, Any] = {

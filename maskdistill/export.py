@@ -12,7 +12,8 @@ OUT (a local path or URI) mirrors the run directory's layout:
                                     the run has one: float [3, H, W] in 0..1 -> boxes, labels,
                                     scores, masks (TorchScript: (losses, [detections]))
     config.json                     the run's whole config: the architecture is rebuilt from it
-    class_names.json                {"names": [...]}: label 0 background, 1 + k cluster k
+    class_names.json                {"names": [...]} one per segmenter label, background first,
+                                    {"clusters": [...]} one per detector label (1 + cluster)
     README.md                       model card: YAML front matter, metrics, use, limits, license
 
 Each ONNX and TorchScript file is run on a check image of another size than it was exported
@@ -46,6 +47,7 @@ from maskdistill import storage
 from maskdistill.backbones import to_model_input
 from maskdistill.config import ExperimentConfig
 from maskdistill.inference import build_model
+from maskdistill.names import NAMES_YAML
 from maskdistill.outputs import CLASS_NAMES_FILE, METRICS_FILE, read_metrics
 from maskdistill.release import (
     CONFIG_FILE,
@@ -125,9 +127,12 @@ def export_run(
         _export_stage(report, stage, loaded, formats)
     segmenter = models[SEGMENTER]
     _write(report, json.dumps(segmenter.config.model_dump(mode="json"), indent=2), CONFIG_FILE)
-    _write(report, json.dumps({"names": segmenter.class_names}, indent=2), NAMES_FILE)
+    names = {"names": segmenter.class_names}
+    if DETECTOR in models:
+        names["clusters"] = models[DETECTOR].class_names
+    _write(report, json.dumps(names, indent=2), NAMES_FILE)
     metrics = _run_metrics(run_dir)
-    card = model_card(segmenter, list(models), metrics, report, named=_has_names(run_dir))
+    card = model_card(segmenter, list(models), metrics, report, named=_names_source(run_dir))
     _write(report, card, CARD_FILE)
     return report
 
@@ -359,8 +364,11 @@ def _run_metrics(run_dir: str) -> dict[str, Any]:
     return read_metrics(RunDir(run_dir))
 
 
-def _has_names(run_dir: str) -> bool:
-    return storage.is_file(join(run_dir, *CLASS_NAMES_FILE))
+def _names_source(run_dir: str) -> str | None:
+    """Where the run's label names come from: names.yaml, the evaluation, or nowhere."""
+    if storage.is_file(join(run_dir, NAMES_YAML)):
+        return NAMES_YAML
+    return "evaluation" if storage.is_file(join(run_dir, *CLASS_NAMES_FILE)) else None
 
 
 def card_license(config: ExperimentConfig) -> tuple[str, str]:
@@ -457,7 +465,7 @@ def model_card(
     metrics: Mapping[str, Any],
     report: ExportReport,
     *,
-    named: bool,
+    named: str | None,
 ) -> str:
     """README.md of the export: YAML front matter, then what the model is, its config, metrics,
     how to use it, its intended use and limits, and its license. `named`: the class names come
@@ -566,14 +574,16 @@ def _usage(report: ExportReport) -> list[str]:
     return lines
 
 
-def _limits(config: ExperimentConfig, loaded: LoadedModel, named: bool) -> list[str]:
-    names = (
-        "Label names come from the evaluation: Hungarian matching of clusters to the ground-truth "
-        f"classes of the `{config.data.val_split}` split; unmatched labels stay `cluster k`."
-        if named
-        else "The run was not evaluated against ground truth, so labels are named `cluster k` "
-        "only: which object class a cluster stands for is not known."
-    )
+def _limits(config: ExperimentConfig, loaded: LoadedModel, named: str | None) -> list[str]:
+    names = {
+        NAMES_YAML: "Label names were given by a person (the run's names.yaml), from looking at "
+        "the clusters' masks; merged clusters are one label.",
+        "evaluation": "Label names come from the evaluation: Hungarian matching of clusters to "
+        f"the ground-truth classes of the `{config.data.val_split}` split; unmatched labels stay "
+        "`cluster k`.",
+        None: "The run was not evaluated against ground truth, so labels are named `cluster k` "
+        "only: which object class a cluster stands for is not known.",
+    }[named]
     return [
         "## Intended use and limits",
         "",

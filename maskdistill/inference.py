@@ -27,6 +27,7 @@ from maskdistill.backbones import to_model_input
 from maskdistill.config import DetectorConfig, ExperimentConfig, SegmenterConfig
 from maskdistill.detector import Candidates, build_detector, predict
 from maskdistill.masks import pad_to_multiple, patch_grid, resize_nearest
+from maskdistill.names import BACKGROUND
 from maskdistill.pseudolabels import confident_masks
 from maskdistill.release import LoadedModel, read_model
 from maskdistill.segmenter import build_segmenter
@@ -101,8 +102,9 @@ class Instance:
 class Detector:
     """The distilled Mask R-CNN on new images, keeping what the run's pseudo labels keep:
     candidates with score > tau, or the best one when none passes and `keep_best_when_none`
-    (Sec 3.3, 4.1). With `max_side` the detector sees the image with its longer side at most
-    that (it then resizes to its own test scale) and masks are scaled back by nearest neighbour.
+    (Sec 3.3, 4.1), less the instances of clusters named "background". With `max_side` the
+    detector sees the image with its longer side at most that (it then resizes to its own test
+    scale) and masks are scaled back by nearest neighbour.
     """
 
     def __init__(
@@ -171,6 +173,8 @@ class Detector:
         for i in kept.tolist():
             x0, y0, x1, y1 = (float(v) for v in found.boxes[i])
             label = 1 + int(found.classes[i])
+            if self.class_names[label] == BACKGROUND:
+                continue  # a cluster the user (names.yaml) or the matching calls background
             out.append(
                 Instance(
                     label=label,

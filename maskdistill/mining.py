@@ -150,7 +150,8 @@ def mined_size(height: int, width: int, short_side: int) -> tuple[int, int]:
 
 def resized_input(image: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
     """uint8 [H, W, 3] -> normalised float [3, h, w] at `size` (antialiased), on `device`."""
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device)[None]
+    # Ray Data hands out read-only arrays, which torch.from_numpy warns about: copy those
+    pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).to(device)[None]
     normalised = to_model_input(pixels)
     if normalised.shape[-2:] != size:
         normalised = F.interpolate(normalised, size=size, mode="bilinear", antialias=True)

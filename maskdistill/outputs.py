@@ -8,9 +8,15 @@ The one place drivers, benchmarks, `predict` and the service learn the layout of
     mine/<split>/part-NNNNN.parquet   MASK_SCHEMA: one mined object per image (Sec 3.2)
     cluster/<split>.parquet           LABELED_SCHEMA: the mined rows plus their cluster
     cluster/kmeans.npz                centroids and feature transform
+    cluster/gallery/cluster_NNN.png   a cluster's most and least typical train masks
+    cluster/gallery/sheet.png         one row of typical masks per cluster, labelled
+    cluster/gallery/index.html        each cluster's size, share and picture (self-contained)
+    cluster/gallery/gallery.json      per cluster: size, share, shown image ids, distances
     detector/model.pt                 {"model", "num_classes", "arch"}
     distill/<split>/part-NNNNN.parquet  PSEUDO_SCHEMA: confident pseudo labels (Sec 3.3)
-    segmenter/model.pt                {"model", "num_classes"}
+    distill/gallery/...               the same files for the kept train masks, by score
+    names.yaml                        the user's names, merges, background clusters
+    segmenter/model.pt                {"model", "num_classes", "cluster_labels"}
     evaluate/metrics.json, table1.md  Table 1 rows, per-class IoU, mask AP (and pictures)
     evaluate/class_names.json         the class each segmenter label was matched to
 """
@@ -28,6 +34,7 @@ import torch
 
 from maskdistill.clustering import FeatureTransform, KMeansResult
 from maskdistill.config import ExperimentConfig
+from maskdistill.names import ClassMap, read_class_map
 from maskdistill.rundir import RunDir, read_manifest
 from maskdistill.shards import read_parts, split_folder, split_name
 from maskdistill.stages import CLUSTER, DATA, DISTILL, EVALUATE, MINE, PRETRAIN, pretrain_wanted
@@ -110,6 +117,11 @@ def read_mined(run: RunDir, split: str, columns: Sequence[str] | None = None) ->
     return read_parts(run, mined_folder(split), MASK_SCHEMA, columns)
 
 
+def gallery_folder(stage: str) -> str:
+    """Where a stage's cluster gallery lives (`maskdistill.gallery` writes it)."""
+    return f"{stage}/gallery"
+
+
 def labeled_path(split: str) -> tuple[str, str]:
     return CLUSTER, f"{split_name(split)}.parquet"
 
@@ -164,12 +176,22 @@ def read_kmeans(run: RunDir) -> KMeansResult:
     return KMeansResult(np.zeros(0, np.int64), saved["centroids"], inertia, transform)
 
 
-def num_classes(run: RunDir) -> int:
-    """Clusters + 1 (background), from the cluster stage's manifest."""
+def num_clusters(run: RunDir) -> int:
+    """K, from the cluster stage's manifest."""
     manifest = read_manifest(run, CLUSTER)
     if manifest is None:
         raise FileNotFoundError(f"no {CLUSTER} stage in {run.uri}: run it first")
-    return int(manifest.metrics["clusters"]) + 1
+    return int(manifest.metrics["clusters"])
+
+
+def num_classes(run: RunDir) -> int:
+    """The detector's labels: clusters + 1 (background)."""
+    return num_clusters(run) + 1
+
+
+def class_map(run: RunDir) -> ClassMap:
+    """How the run's clusters become segmenter labels, and their names (names.yaml)."""
+    return read_class_map(run.uri, num_clusters(run))
 
 
 def pseudo_folder(split: str) -> str:

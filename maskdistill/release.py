@@ -1,7 +1,8 @@
 """A trained model, read from a run directory or from an export folder. Ray-free.
 
-A run directory holds `<stage>/model.pt` (`maskdistill.outputs.read_weights`), `config.yaml`
-and, once evaluated, `evaluate/class_names.json`; an export folder (`maskdistill export`,
+A run directory holds `<stage>/model.pt` (`maskdistill.outputs.read_weights`), `config.yaml`,
+the user's `names.yaml` (`maskdistill.names`) and, once evaluated, `evaluate/class_names.json`
+(names matched on ground truth, used without names.yaml); an export folder (`maskdistill export`,
 `maskdistill.export`) holds `<stage>/model.safetensors`, `config.json` and `class_names.json`.
 `read_model` reads either, so `predict`, `serve` and the library's loaders take both.
 """
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from maskdistill import storage
 from maskdistill.config import ExperimentConfig, validate_config
+from maskdistill.names import NAMES_YAML, NamesError, identity, read_class_map, read_document
 from maskdistill.outputs import CLASS_NAMES_FILE, MODEL_FILE, read_weights
 from maskdistill.rundir import RunDir
 from maskdistill.stages import DETECTOR, SEGMENTER
@@ -97,19 +99,43 @@ def _read_export(source: str, stage: str, config: ExperimentConfig) -> LoadedMod
     metadata = safetensors_metadata(data)
     if metadata.get("stage") != stage:
         raise ValueError(f"{uri}: holds stage {metadata.get('stage')!r}, not {stage!r}")
-    names = json.loads(storage.read_bytes(join(source, NAMES_FILE)))["names"]
+    saved = json.loads(storage.read_bytes(join(source, NAMES_FILE)))
+    names = saved.get("clusters", saved["names"]) if stage == DETECTOR else saved["names"]
     return LoadedModel(config, load_safetensors(data), int(metadata["num_classes"]), list(names))
 
 
 def _read_run(source: str, stage: str, config: ExperimentConfig) -> LoadedModel:
-    """`<stage>/model.pt` and, when evaluated, the matched class names of a run."""
-    run = RunDir(source)
-    weights = read_weights(run, stage)
+    """`<stage>/model.pt` and the names of its labels (`run_names`)."""
+    weights = read_weights(RunDir(source), stage)
     num_classes = int(weights["num_classes"])
-    names = default_class_names(num_classes)
+    trained = weights.get("cluster_labels")
+    names = run_names(source, stage, num_classes, trained)
+    return LoadedModel(config, weights["model"], num_classes, names)
+
+
+def run_names(
+    source: str, stage: str, num_classes: int, trained: list[int] | None = None
+) -> list[str]:
+    """One name per label of a run's trained `stage`: from names.yaml (the detector's labels
+    are 1 + cluster, the segmenter's one per group), else the evaluation's matched names, else
+    "cluster k". `trained`: the cluster -> label map the segmenter learnt (None: 1 + cluster);
+    NamesError when names.yaml now merges or backgrounds clusters differently."""
+    clusters = len(trained) if stage == SEGMENTER and trained is not None else num_classes - 1
+    classes = read_class_map(source, clusters)
+    if stage == SEGMENTER and list(classes.labels) != (trained or list(identity(clusters).labels)):
+        raise NamesError(
+            f"{join(source, NAMES_YAML)} merges or backgrounds clusters differently from the "
+            f"trained segmenter ({num_classes} labels): run `maskdistill pipeline --config "
+            f"{join(source, RUN_CONFIG)}` to retrain it, or undo that edit"
+        )
+    if read_document(source) is not None:
+        return classes.cluster_names if stage == DETECTOR else classes.class_names
+    run = RunDir(source)
     if run.exists(*CLASS_NAMES_FILE):
         names = list(run.read_json(*CLASS_NAMES_FILE)["names"])
-    return LoadedModel(config, weights["model"], num_classes, names)
+        if len(names) == num_classes:
+            return names
+    return default_class_names(num_classes)
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:

@@ -188,7 +188,8 @@ class SegmentationSamples(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
     normalised image (the mean colour).
     Randomness comes only from (seed, index, variant): `load(i, variant=v)` is stateless (safe
     from loader threads); `dataset[i]` uses `variant=epoch`, so setting `epoch` before each pass
-    gives fresh augmentations that are still reproducible.
+    gives fresh augmentations that are still reproducible. `label_lookup` (uint8 [256],
+    `ClassMap.lookup`) maps the stored labels to the trained ones: merges, background clusters.
     """
 
     def __init__(
@@ -201,6 +202,7 @@ class SegmentationSamples(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
         rotation_degrees: float = 5.0,
         hflip: bool = True,
         seed: int = 0,
+        label_lookup: np.ndarray | None = None,
     ) -> None:
         if crop_size < 1:
             raise ValueError(f"crop_size={crop_size}: expected >= 1")
@@ -215,6 +217,7 @@ class SegmentationSamples(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
         self.rotation_degrees = float(rotation_degrees)
         self.hflip = hflip
         self.seed = seed
+        self.label_lookup = label_lookup
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -247,6 +250,8 @@ class SegmentationSamples(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
         image_id = str(row["image_id"])
         image = self.dataset.load(image_id).image
         label = decode_label_map(row["label_png"])
+        if self.label_lookup is not None:
+            label = self.label_lookup[label]
         if label.shape != image.shape[:2]:
             raise ValueError(
                 f"{image_id}: image is {image.shape[0]}x{image.shape[1]} but its label map is "

@@ -1,9 +1,11 @@
 """The stage contract: names and order, what decides each stage's result, and where a run stands.
 
 A stage's hash covers the config keys that decide its result (never a section's `resources`:
-workers, CPUs, GPUs, actors, loader threads, inference batch sizes) and the hashes of the stages
-whose output it reads, so a change anywhere upstream marks every later stage stale and nothing
-earlier. Where each stage's output lives and how to read it: `maskdistill.outputs`.
+workers, CPUs, GPUs, actors, loader threads, inference batch sizes), for the segmenter the
+merges and background clusters of the run's names.yaml (`maskdistill.names`), and the hashes
+of the stages whose output it reads, so a change anywhere upstream marks every later stage
+stale and nothing earlier. Where each stage's output lives and how to read it:
+`maskdistill.outputs`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from maskdistill import storage
 from maskdistill.config import ExperimentConfig
 from maskdistill.engine import CHECKPOINT
+from maskdistill.names import NAMES_YAML, run_grouping
 from maskdistill.rundir import Fingerprint, RunDir, StageState, read_record, stage_state
 
 DATA, PRETRAIN, MINE, CLUSTER = "data", "pretrain", "mine", "cluster"
@@ -32,6 +35,7 @@ class Stage:
     inputs: tuple[str, ...]
     does: str
     key_metric: str | None = None
+    reads_names: bool = False  # names.yaml's merges and background decide its labels
 
 
 PIPELINE = (
@@ -58,6 +62,7 @@ PIPELINE = (
         (DISTILL, DETECTOR),
         "Sec 3.3 Eq 4: DeepLab-v3",
         "loss_seg",
+        reads_names=True,
     ),
     Stage(
         EVALUATE,
@@ -76,9 +81,22 @@ def pretrain_wanted(config: ExperimentConfig) -> bool:
     return config.backbone.weights == PRETRAINED
 
 
+def evaluation_wanted(config: ExperimentConfig) -> bool:
+    """Whether the run has a val split with ground truth to score (an image folder has none)."""
+    return config.data.val_split is not None and config.data.kind != "folder"
+
+
+OFF = {  # why a stage is not part of a config
+    PRETRAIN: "it runs only with backbone.weights: pretrain",
+    EVALUATE: "it needs data.val_split with ground truth; an image folder has none",
+}
+
+
 def needed(config: ExperimentConfig) -> list[str]:
-    """The stages of this config in pipeline order: `pretrain` only when it is wanted."""
-    return [name for name in NAMES if name != PRETRAIN or pretrain_wanted(config)]
+    """The stages of this config in pipeline order: `pretrain` only when it is wanted,
+    `evaluate` only with ground truth to score."""
+    wanted = {PRETRAIN: pretrain_wanted(config), EVALUATE: evaluation_wanted(config)}
+    return [name for name in NAMES if wanted.get(name, True)]
 
 
 def fingerprints(config: ExperimentConfig) -> dict[str, Fingerprint]:
@@ -87,6 +105,8 @@ def fingerprints(config: ExperimentConfig) -> dict[str, Fingerprint]:
     for name in needed(config):
         stage = STAGES[name]
         science = config.science(*stage.keys)
+        if stage.reads_names and (grouping := run_grouping(config.run_dir)):
+            science[NAMES_YAML] = grouping  # names alone leave the hash as it is
         upstream = {i: done[i].config_hash for i in stage.inputs if i in done}
         text = json.dumps({"science": science, "upstream": upstream}, sort_keys=True)
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -98,7 +118,7 @@ def fingerprint(config: ExperimentConfig, name: str) -> Fingerprint:
     """One stage's fingerprint; ValueError naming the stages when it is not needed or unknown."""
     prints = fingerprints(config)
     if name not in prints:
-        off = " (it runs only with backbone.weights: pretrain)" if name == PRETRAIN else ""
+        off = f" ({OFF[name]})" if name in OFF else ""
         raise ValueError(f"stage {name!r} is not part of this config{off}; stages: {list(prints)}")
     return prints[name]
 

@@ -88,9 +88,7 @@ def mask_tile(
     colour: tuple[int, int, int] = (255, 64, 0),
 ) -> np.ndarray:
     """The image with `mask` tinted in `colour` and `box` (x0, y0, x1, y1) outlined in yellow."""
-    tile = image.astype(np.float32)
-    tile[mask] = 0.45 * tile[mask] + 0.55 * np.asarray(colour, dtype=np.float32)
-    tile = tile.round().astype(np.uint8)
+    tile = tint(image, mask, colour)
     x0, y0, x1, y1 = box
     thick = max(1, min(image.shape[:2]) // 100)
     for rows, cols in (
@@ -101,6 +99,22 @@ def mask_tile(
     ):
         tile[rows, cols] = (255, 255, 0)
     return tile
+
+
+def tint(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """A copy of the image with the bool `mask` blended 55% towards `colour`."""
+    tinted = image.astype(np.float32)
+    tinted[mask] = 0.45 * tinted[mask] + 0.55 * np.asarray(colour, dtype=np.float32)
+    return tinted.round().astype(np.uint8)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """bool [H, W]: the mask's pixels with a 4-neighbour outside it (or on the border)."""
+    inner = np.zeros_like(mask, dtype=bool)
+    inner[1:-1, 1:-1] = (
+        mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+    )
+    return mask & ~inner
 
 
 def image_grid(

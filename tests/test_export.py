@@ -213,3 +213,17 @@ def test_cli_fails_with_exit_code_1_when_parity_fails(
     assert cli.main(["export", str(write_run(tmp_path / "run")), str(out), "--torchscript"]) == 1
     assert "segmenter torchscript logits: max abs diff" in capsys.readouterr().err
     assert not (out / SEGMENTER / "model.torchscript.pt").exists()
+
+
+def test_an_export_carries_the_names_of_names_yaml_for_each_model(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", detector=True)  # 4 clusters, not evaluated
+    (run_dir / "names.yaml").write_text('clusters:\n  1: "ring"\n')
+    report = export_run(str(run_dir), str(tmp_path / "release"))
+    want = ["background", "cluster 0", "ring", "cluster 2", "cluster 3"]
+    for stage in (SEGMENTER, DETECTOR):
+        assert read_model(report.out, stage).class_names == want
+    card = (tmp_path / "release" / "README.md").read_text()
+    assert "names.yaml" in card
+    (run_dir / "names.yaml").write_text('clusters:\n  1: "ring"\n  3: 1\n')
+    with pytest.raises(ValueError, match="differently from the trained segmenter"):
+        export_run(str(run_dir), str(tmp_path / "again"))

@@ -20,6 +20,7 @@ from maskdistill.inference import (
     working_size,
 )
 from maskdistill.masks import decode_rle
+from maskdistill.names import NamesError
 from maskdistill.segmenter import build_segmenter
 from tests.runs import NUM_CLASSES, write_run
 
@@ -161,3 +162,31 @@ def test_coco_results_round_trip_through_pycocotools(detector: Detector, tmp_pat
         x0, y0, x1, y1 = instance.box
         assert ann["bbox"] == [x0, y0, x1 - x0, y1 - y0]
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == names[1:]
+
+
+def test_instances_of_background_clusters_are_left_out(detector: Detector) -> None:
+    image = blocks(8, 90, 120)
+    (everything,) = detector.instances([image], tau=0.0)
+    junk = everything[0].label
+    names = [n if label != junk else "background" for label, n in enumerate(detector.class_names)]
+    named = Detector(detector.model, names, tau=0.0)
+    (kept,) = named.instances([image])
+    assert [i.score for i in kept] == [i.score for i in everything if i.label != junk]
+
+
+def test_names_yaml_names_the_labels_of_both_models(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", detector=True)  # 4 clusters
+    (run_dir / "names.yaml").write_text('clusters:\n  0: "dog"\n  2: "cat"\n')
+    segmenter = Segmenter.load(str(run_dir))
+    assert segmenter.class_names == ["background", "dog", "cluster 1", "cat", "cluster 3"]
+    loaded = Detector.load(str(run_dir))
+    assert loaded.class_names == segmenter.class_names  # detector labels are 1 + cluster
+
+
+def test_a_merge_the_segmenter_was_not_trained_with_is_refused(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", detector=True)
+    (run_dir / "names.yaml").write_text('clusters:\n  0: "dog"\n  1: 0\n  3: "background"\n')
+    with pytest.raises(NamesError, match="differently from the trained segmenter"):
+        Segmenter.load(str(run_dir))
+    names = Detector.load(str(run_dir)).class_names
+    assert names == ["background", "dog", "dog", "cluster 2", "background"]

@@ -50,6 +50,14 @@ def test_stage_hashes_are_in_pipeline_order_and_pretrain_only_when_wanted() -> N
         fingerprint(load_config(), "pretrain")
 
 
+def test_evaluate_only_with_ground_truth_to_score() -> None:
+    folder = load_config(None, ["data.kind=folder", "data.root=/photos"])
+    assert needed(folder)[-2:] == ["distill", "segmenter"]
+    assert "evaluate" not in needed(load_config(None, ["data.val_split=null"]))
+    with pytest.raises(ValueError, match="'evaluate' is not part .*an image folder has none"):
+        fingerprint(folder, "evaluate")
+
+
 def test_no_resource_setting_changes_any_hash() -> None:
     base = load_config(None, ["backbone.weights=pretrain"])
     moved = load_config(None, ["backbone.weights=pretrain", *RESOURCES])

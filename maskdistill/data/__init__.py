@@ -60,7 +60,8 @@ def build_dataset(config: DataConfig, split: str) -> Dataset:
     if config.kind == "folder":
         from maskdistill.data.folder import ImageFolder
 
-        return ImageFolder(f"{root.rstrip('/')}/{split}" if split else root, **limits)
+        folder = f"{root.rstrip('/')}/{split}" if split else root
+        return ImageFolder(folder, prefix=split, **limits)
     if config.kind == "voc":
         from maskdistill.data.voc import PascalVOC
 

@@ -68,6 +68,11 @@ class Dataset(Protocol):
         """The sample for `image_id`; raises UnreadableImage for input that cannot be decoded."""
         ...
 
+    def relative_path(self, image_id: str) -> str:
+        """The image's file path relative to the data root (`data.root`), with `/`, as
+        annotation files name it (COCO's `file_name`); KeyError for an unknown id."""
+        ...
+
 
 @dataclass
 class SkipLog:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,8 @@ class COCOInstances:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_side: int = DEFAULT_MIN_SIDE,
     ) -> None:
-        self.annotations = resolve_annotations(Path(root), annotations)
+        self.data_root = Path(root)
+        self.annotations = resolve_annotations(self.data_root, annotations)
         self.image_dir = (
             Path(root) / image_dir_name(self.annotations) if image_dir is None else Path(image_dir)
         )
@@ -141,6 +143,14 @@ class COCOInstances:
         classes = np.array([self._class_of[a["category_id"]] for a in objects], dtype=np.int64)
         crowd = self._masks(crowds, shape).sum(axis=0) > 0
         return Sample(image_id, image, paint_semantic(masks, classes, crowd), masks, classes)
+
+    def relative_path(self, image_id: str) -> str:
+        """The image folder and the annotations' `file_name`, relative to root (`..` steps when
+        an explicit `image_dir` lies elsewhere)."""
+        if image_id not in self._coco_id:
+            raise KeyError(f"{image_id!r} is not among the selected images of {self.annotations}")
+        path = self.image_dir / self._coco.imgs[self._coco_id[image_id]]["file_name"]
+        return Path(os.path.relpath(path, self.data_root)).as_posix()
 
     def _read_image(self, image_id: str, info: dict[str, Any]) -> np.ndarray:
         path = self.image_dir / info["file_name"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Sequence
 
 import pyarrow.fs as pafs
@@ -21,16 +22,20 @@ class ImageFolder:
     """Every image file under `root`, recursively; ids are paths relative to root with `/`.
 
     `root` is a local path or a URI such as `s3://bucket/prefix` or `file:///data/images`.
+    `prefix`: where `root` lies under the data root (a split's subfolder, '' for the root
+    itself); `relative_path` puts it before the id.
     """
 
     def __init__(
         self,
         root: str,
         *,
+        prefix: str = "",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_side: int = DEFAULT_MIN_SIDE,
     ) -> None:
         self.root = root
+        self.prefix = prefix.strip("/")
         self._filesystem, base = resolve(root)
         self._paths = _list_images(self._filesystem, base, root)
         self._max_pixels = max_pixels
@@ -55,6 +60,11 @@ class ImageFolder:
             min_side=self._min_side,
         )
         return Sample(image_id, image)
+
+    def relative_path(self, image_id: str) -> str:
+        if image_id not in self._paths:
+            raise KeyError(f"no image {image_id!r} in image folder {self.root!r}")
+        return posixpath.join(self.prefix, image_id)
 
 
 def _list_images(filesystem: pafs.FileSystem, base: str, root: str) -> dict[str, str]:

@@ -289,6 +289,12 @@ class SyntheticScenes:
             semantic[mask] = class_id
         return Sample(image_id, scene.image, semantic, scene.visible_masks, classes)
 
+    def relative_path(self, image_id: str) -> str:
+        """`<split>/<id>.png`: no file exists; where `maskdistill export-labels` writes the
+        rendered image (under the JSON's folder)."""
+        self._index(image_id)
+        return f"{self.split}/{image_id}.png"
+
     def scene(self, image_id: str) -> Scene:
         """The full scene behind `image_id`, including each object's unoccluded mask."""
         rng = np.random.default_rng((self.seed, SPLITS.index(self.split), self._index(image_id)))

@@ -121,7 +121,8 @@ class PascalVOC:
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown VOC split {split!r}; choose one of {', '.join(SPLITS)}")
-        self.root = find_voc2012(Path(root))
+        self.data_root = Path(root)
+        self.root = find_voc2012(self.data_root)
         self.split = split
         self.max_pixels = max_pixels
         self.min_side = min_side
@@ -141,7 +142,7 @@ class PascalVOC:
         if image_id not in self._id_set:
             raise KeyError(f"{image_id!r} is not in VOC2012 split {self.split!r}")
         image = read_image_file(
-            str(self.root / "JPEGImages" / f"{image_id}.jpg"),
+            str(self._image_path(image_id)),
             image_id,
             max_pixels=self.max_pixels,
             min_side=self.min_side,
@@ -156,6 +157,16 @@ class PascalVOC:
             masks, classes = instances_from_objects(objects, semantic, object_path)
             sample.instance_masks, sample.instance_classes = masks, classes
         return sample
+
+    def relative_path(self, image_id: str) -> str:
+        """`JPEGImages/<id>.jpg` under the root as given: with `VOCdevkit/VOC2012/` before it
+        when the VOC2012 folder lies there."""
+        if image_id not in self._id_set:
+            raise KeyError(f"{image_id!r} is not in VOC2012 split {self.split!r}")
+        return self._image_path(image_id).relative_to(self.data_root).as_posix()
+
+    def _image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
 
     @property
     def _lists(self) -> Path:

@@ -173,3 +173,14 @@ def test_image_size_mismatch_names_file(coco_root: Path) -> None:
     with pytest.raises(ValueError, match="instances_train2014.json") as err:
         open_coco(coco_root).load(stem(25))
     assert str(path) in str(err.value)
+
+
+def test_relative_path_is_the_image_folder_and_file_name_under_root(coco_root: Path) -> None:
+    dataset = open_coco(coco_root)
+    name = dataset.relative_path(stem(9))
+    assert name == f"train2014/{stem(9)}.jpg" and (coco_root / name).is_file()
+    (coco_root / "train2014").rename(coco_root / "images")
+    moved = open_coco(coco_root, image_dir=str(coco_root / "images"))
+    assert moved.relative_path(stem(25)) == f"images/{stem(25)}.jpg"
+    with pytest.raises(KeyError, match="nope"):
+        moved.relative_path("nope")

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from maskdistill.config import DataConfig
+from maskdistill.data import build_dataset
 from maskdistill.data.base import SkipLog, UnreadableImage, iter_samples
 from maskdistill.data.folder import ImageFolder
 from maskdistill.data.images import IMAGE_EXTENSIONS
@@ -123,3 +125,15 @@ def test_root_that_is_a_file_raises(tmp_path: Path) -> None:
     write_image(tmp_path / "a.png", 0)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         ImageFolder(str(tmp_path / "a.png"))
+
+
+@pytest.mark.parametrize("split", ["", "sub"])
+def test_relative_path_is_under_the_data_root_with_the_split_folder(
+    tmp_path: Path, tree: dict[str, np.ndarray], split: str
+) -> None:
+    dataset = build_dataset(DataConfig(kind="folder", root=str(tmp_path)), split)
+    names = [dataset.relative_path(i) for i in dataset.image_ids()]
+    assert names == sorted(rel for rel in tree if rel.startswith(f"{split}/" if split else ""))
+    assert all((tmp_path / name).is_file() for name in names)
+    with pytest.raises(KeyError, match="nope.png"):
+        dataset.relative_path("nope.png")

@@ -196,3 +196,10 @@ def test_the_test_split_is_held_out_from_train_and_val() -> None:
     }
     assert not np.array_equal(images["test"].image, images["train"].image)
     assert not np.array_equal(images["test"].image, images["val"].image)
+
+
+def test_relative_path_names_a_png_per_split_and_id() -> None:
+    ds = SyntheticScenes(split="val", num_images=3)
+    assert ds.relative_path("val_000002") == "val/val_000002.png"
+    with pytest.raises(KeyError, match="val_000003"):
+        ds.relative_path("val_000003")

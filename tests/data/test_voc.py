@@ -236,3 +236,15 @@ def test_train_aug_without_list_or_sbd_names_what_was_searched(voc: Path) -> Non
     message = str(err.value)
     assert "train_aug.txt" in message and "benchmark_RELEASE" in message
     assert "splits available: train, val, trainval" in message
+
+
+@pytest.mark.parametrize("above", [0, 2], ids=["root-is-VOC2012", "root-above-VOCdevkit"])
+def test_relative_path_is_the_jpeg_under_the_root_as_given(voc: Path, above: int) -> None:
+    root = voc.parents[above - 1] if above else voc
+    dataset = PascalVOC(str(root), split="val")
+    name = dataset.relative_path(VOC_VAL[0])
+    prefix = "VOCdevkit/VOC2012/" if above else ""
+    assert name == f"{prefix}JPEGImages/{VOC_VAL[0]}.jpg"
+    assert (root / name).is_file()
+    with pytest.raises(KeyError, match=VOC_TRAIN[0]):
+        dataset.relative_path(VOC_TRAIN[0])  # not in val

@@ -1,13 +1,19 @@
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
+from PIL import Image
 
 from jobs import cluster, mine
+from maskdistill import clusters, gallery
 from maskdistill.clustering import assign, fit_kmeans
 from maskdistill.config import ExperimentConfig
-from maskdistill.outputs import features_of, read_mined
+from maskdistill.data import dataset_of
+from maskdistill.outputs import features_of, read_kmeans, read_labeled, read_mined
 from maskdistill.rundir import RunDir, read_manifest
 from maskdistill.stages import fingerprint
 from tests.jobs.conftest import image_folder, tiny_config
@@ -61,11 +67,88 @@ def test_same_seed_same_labels_and_a_skip_when_complete(mined: ExperimentConfig)
     assert again.column("cluster").to_pylist() == first.column("cluster").to_pylist()
 
 
-def test_a_folder_without_classes_needs_num_clusters(tmp_path: Path) -> None:
+def test_a_folder_without_classes_chooses_k_by_silhouette(tmp_path: Path) -> None:
     root = image_folder(tmp_path / "images", good=1, bad={})
-    config = tiny_config(tmp_path, "data.kind=folder", f"data.root={root}", "data.train_split=''")
-    with pytest.raises(ValueError, match="clustering.num_clusters must be set"):
-        cluster.cluster_count(config)
+    config = tiny_config(
+        tmp_path,
+        "data.kind=folder",
+        f"data.root={root}",
+        "data.train_split=''",
+        "clustering.k_range=[2, 6]",
+    )
+    features = _blobs(4, per_cluster=15)
+    count, scores, chosen = cluster.cluster_count(config, features)
+    assert (count, chosen) == (4, 4)
+    assert [s.k for s in scores] == [2, 3, 4, 5, 6]
+    assert max(scores, key=lambda s: s.silhouette).k == 4
+
+
+def test_auto_with_overclustering_multiplies_the_chosen_k(tmp_path: Path) -> None:
+    config = tiny_config(
+        tmp_path,
+        "clustering.num_clusters=auto",
+        "clustering.k_range=[2, 5]",
+        "clustering.overclustering=1.5",
+    )
+    count, _, chosen = cluster.cluster_count(config, _blobs(3, per_cluster=12))
+    assert (chosen, count) == (3, 5)  # floor(3 * 1.5 + 0.5) = 5
+
+
+def _blobs(k: int, *, per_cluster: int) -> np.ndarray:
+    """`k` tight clusters around random unit directions in 16 dimensions."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(k, 16))
+    return np.concatenate(
+        [c / np.linalg.norm(c) + 0.03 * rng.normal(size=(per_cluster, 16)) for c in centres]
+    ).astype(np.float32)
+
+
+def test_the_stage_with_auto_writes_the_curve_and_its_choice(
+    mined: ExperimentConfig, tmp_path: Path
+) -> None:
+    config = mined.model_copy(
+        update={
+            "clustering": mined.clustering.model_copy(
+                update={"num_clusters": "auto", "k_range": (2, 5)}
+            )
+        }
+    )
+    manifest = cluster.run_stage(config, force=True)
+    assert manifest is not None
+    sweep = json.loads((Path(mined.run_dir) / "cluster" / "k_sweep.json").read_text())
+    scores = {s["k"]: s["silhouette"] for s in sweep["scores"]}
+    assert list(scores) == [2, 3, 4, 5]
+    best = max(scores, key=lambda k: (scores[k], -k))
+    assert sweep["chosen"] == manifest.metrics["k_auto"] == manifest.metrics["clusters"] == best
+    assert Image.open(Path(mined.run_dir) / "cluster" / "k_sweep.png").size[1] > 200
+    cluster.run_stage(mined, force=True)  # back to the module's K = 3
+
+
+def test_clusters_sweeps_stored_features_and_writes_names(
+    mined: ExperimentConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster.run_stage(mined)
+    run_dir = mined.run_dir
+    RunDir(run_dir).write_config(mined)  # as the drivers' `start` does
+    assert clusters.main([run_dir, "--k", "2-4"]) == 0
+    printed = capsys.readouterr().out
+    assert "<- chosen" in printed and "clustering.num_clusters=" in printed
+    sweep = json.loads((Path(run_dir) / "sweep" / "k_sweep.json").read_text())
+    assert [s["k"] for s in sweep["scores"]] == [2, 3, 4]
+    assert clusters.main([run_dir, "--init-names"]) == 0
+    names = yaml.safe_load((Path(run_dir) / "names.yaml").read_text())
+    assert names == {"clusters": {0: "cluster 0", 1: "cluster 1", 2: "cluster 2"}}
+    assert clusters.main([run_dir, "--init-names"]) == 2
+    assert "exists" in capsys.readouterr().err
+    (Path(run_dir) / "names.yaml").write_text('clusters:\n  0: "dog"\n  1: 0\n  2: "dog"\n')
+    assert clusters.main([run_dir]) == 0
+    table = capsys.readouterr().out
+    assert "dog (with 1)" in table and "2 classes + background" in table
+    assert "2 classes are named 'dog'" in table
+    (Path(run_dir) / "names.yaml").unlink()
+    shutil.rmtree(Path(run_dir) / "cluster" / "gallery")
+    assert clusters.main([run_dir, "--gallery"]) == 0
+    assert (Path(run_dir) / "cluster" / "gallery" / "index.html").exists()
 
 
 def test_config_change_upstream_reruns_clustering(mined: ExperimentConfig) -> None:
@@ -79,3 +162,49 @@ def test_config_change_upstream_reruns_clustering(mined: ExperimentConfig) -> No
     assert (
         manifest is not None and manifest.config_hash == fingerprint(changed, "cluster").config_hash
     )
+
+
+def test_the_gallery_shows_each_clusters_masks_nearest_the_centroid_first(
+    mined: ExperimentConfig,
+) -> None:
+    cluster.run_stage(mined, force=True)
+    run = RunDir(mined.run_dir)
+    folder = Path(mined.run_dir) / "cluster" / "gallery"
+    written = json.loads((folder / "gallery.json").read_text())
+    table = read_labeled(run, "train")
+    rows = {r["image_id"]: r for r in table.to_pylist()}
+    labels = table.column("cluster").to_numpy()
+    assert [c["size"] for c in written["clusters"]] == np.bincount(labels, minlength=3).tolist()
+    kmeans = read_kmeans(run)
+    points = kmeans.transform.apply(features_of(table))
+    distances = gallery.centroid_distances(points, kmeans.centroids, labels)
+    distance = dict(zip(rows, distances, strict=True))
+    dataset = dataset_of(mined.data, "train")
+    for entry in written["clusters"]:
+        k, tiles = entry["cluster"], entry["typical"]
+        members = sorted(i for i, row in rows.items() if row["cluster"] == k)
+        assert sorted(t["image_id"] for t in tiles) == members, "12 masks: each fits its grid"
+        assert entry["least_typical"] == []
+        shown = [t["distance"] for t in tiles]
+        assert shown == sorted(shown) == pytest.approx([distance[t["image_id"]] for t in tiles])
+        if not tiles:
+            assert entry["picture"] is None
+            continue
+        picture = np.asarray(Image.open(folder / entry["picture"]).convert("RGB"))
+        height = gallery.TITLE_HEIGHT + gallery.section_height(len(tiles))
+        assert picture.shape == (height, gallery.picture_width(), 3)
+        for slot, tile in enumerate(tiles):
+            row = rows[tile["image_id"]]
+            mask = gallery.MaskRef(row["image_id"], row["height"], row["width"], row["mask_rle"])
+            image = dataset.load(row["image_id"]).image
+            expected = gallery.gallery_tile(image, mask.mask(), gallery.cluster_colour(k))
+            step = gallery.TILE + gallery.GAP
+            y = gallery.TITLE_HEIGHT + gallery.CAPTION_HEIGHT + gallery.GAP + slot // 6 * step
+            x = gallery.GAP + slot % 6 * step
+            np.testing.assert_array_equal(
+                picture[y : y + gallery.TILE, x : x + gallery.TILE], expected
+            )
+    index = (folder / "index.html").read_text()
+    pictures = sorted(p.name for p in folder.glob("cluster_*.png"))
+    assert pictures and all(f'href="{name}"' in index for name in pictures)
+    assert (folder / "sheet.png").is_file()

@@ -1,9 +1,15 @@
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from jobs import pipeline
-from maskdistill import cli
+from maskdistill import cli, console
 from maskdistill.rundir import RunDir, read_manifest
 from tests.jobs.conftest import DEMO, TINY
 from tests.jobs.test_train_detector import DETECTOR
@@ -15,11 +21,15 @@ OVERRIDES = (
     *TINY,
     *DETECTOR,
     *SEGMENTER,
+    "segmenter.epochs=1",
     "detector.resources.num_workers=1",
     "segmenter.resources.num_workers=1",
     "evaluation.resources.num_gpus=0",
     "evaluation.linear_probe=false",
 )
+REPO = Path(__file__).resolve().parents[2]
+# Ray's own lines that the console of a run without --verbose must not show
+RAY_LINES = ("Started a local Ray instance", "streaming_executor", "core_worker")
 
 
 # Every resource setting of the stages above, changed: a rerun reuses every stage.
@@ -41,8 +51,9 @@ OTHER_RESOURCES = (
 
 
 def _stage_lines(output: str) -> dict[str, str]:
-    """Stage -> ran/reused from the summary table at the end of the output."""
-    table = output[output.rindex("stage ") :].splitlines()[1:]
+    """Stage -> ran/reused from the summary table at the end of the output (Table 1 follows it,
+    after a blank line)."""
+    table = output[output.rindex("stage ") :].split("\n\n")[0].splitlines()[1:]
     return {line.split()[0]: line.split()[1] for line in table if line.strip()}
 
 
@@ -53,12 +64,51 @@ def _args(run_dir: Path, *extra: str) -> list[str]:
     return args
 
 
-def test_pipeline_runs_every_stage_then_reuses_them_and_reruns_from_a_stage(
+def _demo_console(run_dir: Path) -> str:
+    """What `python -m jobs.demo` prints (stdout and stderr) in a process of its own, with a
+    Ray of its own, as a person running `make demo` sees it."""
+    ray_tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths are capped
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "jobs.demo", *_args(run_dir)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=400,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stdout[-5000:]
+    return done.stdout
+
+
+def test_the_demo_console_is_short_then_the_pipeline_reuses_and_reruns_from_a_stage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert pipeline.main(_args(tmp_path)) == 0
+    out = _demo_console(tmp_path)
     stages = [s for s in pipeline.NAMES if s != "pretrain"]  # off: backbone.weights is random
-    assert _stage_lines(capsys.readouterr().out) == dict.fromkeys(stages, "ran")
+    lines = out.splitlines()
+    assert len(lines) < 60, out
+    assert "\r" not in out, "no tqdm redraws in a file"
+    for number, name in enumerate(stages, start=1):
+        assert f"== stage {number}/7: {name} ==" in out
+        assert f"== {name}: done in " in out
+    assert _stage_lines(out) == dict.fromkeys(stages, "ran")
+    assert "| method | mIoU (%) |" in out and "+ DeepLab-v3" in out  # Table 1
+    assert "service answer for one held-out image" in out
+    for internal in RAY_LINES:
+        assert internal not in out, internal
+    for line in lines:  # no worker output, no Ray or Serve log records (they carry a time)
+        assert "pid=" not in line and "(raylet)" not in line, line
+        assert not re.search(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d", line), line
+    log = (tmp_path / "logs" / console.LOG_FILE).read_text()
+    for internal in RAY_LINES:
+        assert internal in log, internal
+    assert (tmp_path / "logs" / "ray").is_symlink(), "a link to the Ray session's logs"
     assert (tmp_path / "config.yaml").exists()
     assert (tmp_path / "evaluate" / "metrics.json").exists()
     assert pipeline.main(_args(tmp_path)) == 0

@@ -1,14 +1,16 @@
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jobs import cluster, distill, mine, train_detector
 from maskdistill.config import ExperimentConfig
 from maskdistill.engine import MetricsLog, lr_factor, scaled_lr
 from maskdistill.outputs import read_pseudo
-from maskdistill.pseudolabels import decode_label_map
+from maskdistill.pseudolabels import confident_masks, decode_label_map
 from maskdistill.rundir import RunDir, read_manifest, stage_state
 from maskdistill.stages import fingerprint
 from tests.jobs.conftest import tiny_config
@@ -112,3 +114,16 @@ def test_distill_writes_one_pseudo_label_row_per_image(clustered: ExperimentConf
             assert set(label.flat) <= {0, 1, 2, 3}
             assert row["kept"] >= min(1, len(row["candidate_score"]))
             assert len(row["candidate_rle"]) == len(row["candidate_class"])
+    gallery = json.loads((Path(clustered.run_dir) / "distill/gallery/gallery.json").read_text())
+    train = {row["image_id"]: row for row in read_pseudo(run, "train").to_pylist()}
+    assert gallery["total"] == sum(row["kept"] for row in train.values())
+    assert sum(entry["size"] for entry in gallery["clusters"]) == gallery["total"]
+    for entry in gallery["clusters"]:
+        typical = [t["score"] for t in entry["typical"]]
+        assert typical == sorted(typical, reverse=True)
+        for tile in entry["typical"] + entry["least_typical"]:
+            row = train[tile["image_id"]]
+            kept = confident_masks(np.array(row["candidate_score"]), tau=0.5)
+            assert tile["candidate"] in kept.tolist(), "only the confident masks"
+            assert row["candidate_class"][tile["candidate"]] == entry["cluster"]
+            assert tile["score"] == pytest.approx(row["candidate_score"][tile["candidate"]])

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,10 @@ from maskdistill import evaluate as tables
 from maskdistill.config import ExperimentConfig
 from maskdistill.engine import lr_factor, scaled_lr
 from maskdistill.inference import Segmenter
+from maskdistill.outputs import num_clusters, read_weights
 from maskdistill.rundir import RunDir, read_manifest
+from maskdistill.rundir import stage_state as state
+from maskdistill.stages import fingerprint, stage_hashes
 from tests.jobs.conftest import tiny_config
 from tests.jobs.test_train_detector import DETECTOR
 from tests.jobs.training import fail_once_then_resume
@@ -104,3 +108,29 @@ def test_evaluate_scores_every_stage_and_writes_tables_and_pictures(
     assert all(row in table for row in rows)
     assert read_manifest(run, "evaluate") is not None
     assert evaluate.run_stage(config) is None  # complete: skipped
+
+
+def test_merged_and_background_clusters_retrain_only_the_segmenter(
+    distilled: ExperimentConfig, tmp_path: Path
+) -> None:
+    train_segmenter.run_stage(distilled)
+    copy = tmp_path / "named"
+    shutil.copytree(distilled.run_dir, copy)
+    config = distilled.model_copy(update={"run_dir": str(copy)})
+    run = RunDir(str(copy))
+    before = stage_hashes(config)
+    (copy / "names.yaml").write_text('clusters:\n  0: "dog"\n  1: "cat"\n')
+    assert stage_hashes(config) == before  # names alone: nothing to retrain
+    assert all(state(run, fingerprint(config, s)) == "done" for s in ("detector", "segmenter"))
+    (copy / "names.yaml").write_text('clusters:\n  0: "dog"\n  1: 0\n  2: "background"\n')
+    assert stage_hashes(config)["detector"] == before["detector"]
+    assert state(run, fingerprint(config, "segmenter")) == "stale"
+    assert train_segmenter.run_stage(config) is not None
+    weights = read_weights(run, "segmenter")
+    clusters = num_clusters(run)  # 6 classes in the tiny demo: 6 clusters
+    # Cluster 1 joins 0, cluster 2 is background: one class fewer and one dropped.
+    assert weights["num_classes"] == 1 + clusters - 2
+    assert weights["cluster_labels"] == [1, 1, 0, *range(2, clusters - 1)]
+    segmenter = Segmenter.load(str(copy), config=config)
+    assert segmenter.class_names[:2] == ["background", "dog"]
+    assert segmenter.num_classes == clusters - 1
