@@ -181,9 +181,9 @@ def parse_ks(text: str) -> list[int]:
     """'10,20,30' or '2-12' (both ends included) or a mix: the K to try, each >= 2."""
     ks: list[int] = []
     for part in text.split(","):
-        low, _, high = part.strip().partition("-")
+        low, dash, high = part.strip().partition("-")
         try:
-            ks += list(range(int(low), int(high or low) + 1))
+            ks += list(range(int(low), int(high if dash else low) + 1))
         except ValueError:
             raise ValueError(f"--k {text!r}: expected numbers like 10,20,30 or 2-12") from None
     if not ks or min(ks) < 2:

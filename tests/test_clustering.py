@@ -7,11 +7,15 @@ from maskdistill.backbones import IMAGENET_MEAN, IMAGENET_STD
 from maskdistill.clustering import (
     FeatureTransform,
     KMeansResult,
+    KScore,
     assign,
+    choose_k,
     fit_kmeans,
     num_clusters_for,
     object_view,
     object_views,
+    silhouette,
+    sweep_k,
 )
 from maskdistill.masks import mask_to_box
 
@@ -291,3 +295,39 @@ def test_num_clusters_for(
     configured: int | None, num_classes: int, overclustering: float, expected: int
 ) -> None:
     assert num_clusters_for(configured, num_classes, overclustering) == expected
+
+
+def test_silhouette_golden_on_two_pairs() -> None:
+    # Points 0, 1 | 4, 5. Point 0: a = 1, b = (4 + 5) / 2 = 4.5, s = 3.5 / 4.5;
+    # point 1: a = 1, b = (3 + 4) / 2 = 3.5, s = 2.5 / 3.5; 4 and 5 mirror 1 and 0.
+    points = np.array([[0.0], [1.0], [4.0], [5.0]])
+    expected = (3.5 / 4.5 + 2.5 / 3.5) / 2
+    assert silhouette(points, np.array([0, 0, 1, 1])) == pytest.approx(expected)
+    # A point alone in its cluster scores 0: point 5 alone; 0, 1, 4 together.
+    alone = silhouette(points, np.array([0, 0, 0, 1]))
+    a = [2.5, 2.0, 3.5]  # mean distance to the other two of {0, 1, 4}
+    b = [5.0, 4.0, 1.0]  # distance to 5
+    scores = [(bi - ai) / max(ai, bi) for ai, bi in zip(a, b, strict=True)] + [0.0]
+    assert alone == pytest.approx(np.mean(scores))
+    assert np.isnan(silhouette(points, np.zeros(4, dtype=np.int64)))
+
+
+def test_the_sweep_picks_the_planted_k_and_reports_every_k() -> None:
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(5, 24))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    features, _ = _blobs(centres, per_blob=40, spread=0.04)
+    # n_init as the config's default: faiss seeds K-means at random, and one run can merge two
+    # groups and split another (here n_init=3 misses K = 5: its inertia stays at K = 4's)
+    scores = sweep_k(features, range(2, 10), n_init=10, sample=150)
+    assert [s.k for s in scores] == list(range(2, 10))
+    assert choose_k(scores) == 5
+    inertias = [s.inertia for s in scores]
+    assert inertias == sorted(inertias, reverse=True)  # falls as K grows: no criterion alone
+
+
+def test_choose_k_takes_the_smaller_k_on_a_tie_and_skips_nan() -> None:
+    scores = [KScore(2, float("nan"), 9.0), KScore(3, 0.5, 5.0), KScore(4, 0.5, 4.0)]
+    assert choose_k(scores) == 3
+    with pytest.raises(ValueError, match="no K of the sweep"):
+        choose_k([KScore(2, float("nan"), 1.0)])
