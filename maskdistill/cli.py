@@ -11,9 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from maskdistill import storage
 from maskdistill.config import ConfigError, ExperimentConfig, add_config_args, load_config
-from maskdistill.rundir import RunDir
+from maskdistill.rundir import RunDir, check_run_dir
 
 DRIVERS = {
     "data": "jobs.data",
@@ -102,8 +101,10 @@ def show_status(run_dir: str, path: str | None, overrides: Sequence[str]) -> int
     """Print the run's stage table against the config; 1 when it is not a run directory."""
     from maskdistill.stages import run_status, status_table
 
-    if not storage.is_file(f"{run_dir.rstrip('/')}/config.yaml"):
-        print(f"error: {run_dir}: not a run directory (no config.yaml)", file=sys.stderr)
+    try:
+        check_run_dir(run_dir)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
     run = RunDir(run_dir)
     config = run_config(run, path, overrides)

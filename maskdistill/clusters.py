@@ -30,7 +30,7 @@ from maskdistill.evaluate import MINED
 from maskdistill.gallery import write_cluster_gallery, write_distill_gallery
 from maskdistill.names import BACKGROUND, NamesError, initial_names, names_uri, read_class_map
 from maskdistill.outputs import METRICS_FILE, features_of, gallery_folder, read_mined
-from maskdistill.rundir import RunDir, read_manifest
+from maskdistill.rundir import RunDir, check_run_dir, read_manifest
 from maskdistill.stages import CLUSTER, DISTILL, MINE
 from maskdistill.visualize import png_bytes
 
@@ -135,10 +135,11 @@ def names_table(run: RunDir) -> str:
     sizes = cluster_sizes(run)
     classes = read_class_map(run.uri, len(sizes))
     total = max(1, sum(sizes))
+    groups = classes.groups()
     lines = [f"{'cluster':>7}  {'masks':>6}  {'share':>6}  {'label':>5}  name"]
     for k, size in enumerate(sizes):
         label = classes.labels[k]
-        group = classes.groups()[label - 1] if label else []
+        group = groups[label - 1] if label else []
         merged = f" (with {', '.join(map(str, (g for g in group if g != k)))})" if group[1:] else ""
         lines.append(
             f"{k:>7}  {size:>6}  {100 * size / total:>5.1f}%  {label:>5}  "
@@ -217,11 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not storage.is_file(f"{args.run_dir.rstrip('/')}/config.yaml"):
-        print(f"error: {args.run_dir}: not a run directory (no config.yaml)", file=sys.stderr)
-        return 2
-    run = RunDir(args.run_dir)
     try:
+        check_run_dir(args.run_dir)
+        run = RunDir(args.run_dir)
         config = run.read_config()
         if args.k:
             return _sweep_command(run, config, parse_ks(args.k))

@@ -47,7 +47,7 @@ from maskdistill import storage
 from maskdistill.backbones import to_model_input
 from maskdistill.config import ExperimentConfig
 from maskdistill.inference import build_model
-from maskdistill.names import NAMES_YAML
+from maskdistill.names import NAMES_YAML, names_uri
 from maskdistill.outputs import CLASS_NAMES_FILE, METRICS_FILE, read_metrics
 from maskdistill.release import (
     CONFIG_FILE,
@@ -63,7 +63,7 @@ from maskdistill.release import (
     model_file,
     read_model,
 )
-from maskdistill.rundir import RunDir
+from maskdistill.rundir import RunDir, check_run_dir
 from maskdistill.stages import DETECTOR, SEGMENTER
 
 ONNX_FILE = "model.onnx"
@@ -139,8 +139,7 @@ def export_run(
 
 def _check_source(run_dir: str) -> None:
     """FileNotFoundError unless `run_dir` is a run directory with a trained segmenter."""
-    if not storage.is_file(join(run_dir, RUN_CONFIG)):
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no {RUN_CONFIG})")
+    check_run_dir(run_dir)
     weights = model_file(run_dir, SEGMENTER)
     if not has_model(run_dir, SEGMENTER):
         raise FileNotFoundError(f"{weights}: no trained segmenter (run train-segmenter first)")
@@ -366,7 +365,7 @@ def _run_metrics(run_dir: str) -> dict[str, Any]:
 
 def _names_source(run_dir: str) -> str | None:
     """Where the run's label names come from: names.yaml, the evaluation, or nowhere."""
-    if storage.is_file(join(run_dir, NAMES_YAML)):
+    if storage.is_file(names_uri(run_dir)):
         return NAMES_YAML
     return "evaluation" if storage.is_file(join(run_dir, *CLASS_NAMES_FILE)) else None
 

@@ -30,12 +30,12 @@ from maskdistill.masks import decode_rle, mask_to_box, resize_nearest
 from maskdistill.outputs import (
     features_of,
     gallery_folder,
-    num_classes,
+    num_clusters,
     read_kmeans,
     read_labeled,
     read_pseudo,
 )
-from maskdistill.pseudolabels import confident_masks
+from maskdistill.pseudolabels import stored_kept
 from maskdistill.rundir import RunDir
 from maskdistill.shards import split_name
 from maskdistill.stages import CLUSTER, DISTILL
@@ -197,13 +197,7 @@ def kept_candidates(
     classes: list[int] = []
     scores: list[float] = []
     for row in rows:
-        candidate_scores = np.asarray(row["candidate_score"], dtype=np.float64)
-        kept = confident_masks(candidate_scores, tau=tau, keep_best_when_none=keep_best_when_none)
-        if len(kept) != row["kept"]:
-            raise ValueError(
-                f"{row['image_id']}: the row kept {row['kept']} candidates, tau={tau} keeps "
-                f"{len(kept)}: the pseudo labels were made with another config"
-            )
+        kept = stored_kept(row, tau=tau, keep_best_when_none=keep_best_when_none)
         for j in kept.tolist():
             refs.append(
                 MaskRef(
@@ -215,7 +209,7 @@ def kept_candidates(
                 )
             )
             classes.append(int(row["candidate_class"][j]))
-            scores.append(float(candidate_scores[j]))
+            scores.append(float(row["candidate_score"][j]))
     return refs, np.asarray(classes, dtype=np.int64), np.asarray(scores, dtype=np.float64)
 
 
@@ -576,5 +570,5 @@ def write_distill_gallery(
         rows, tau=labels.tau, keep_best_when_none=labels.keep_best_when_none
     )
     dataset = dataset_of(config.data, split)
-    clusters = num_classes(run) - 1
+    clusters = num_clusters(run)
     return write_gallery(run, DISTILL, split, dataset, masks, classes, scores, clusters, SCORE)

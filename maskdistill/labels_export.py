@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 from pycocotools import mask as coco_mask
@@ -46,12 +45,11 @@ from maskdistill.cocoformat import image_table
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import Dataset, build_dataset
 from maskdistill.names import BACKGROUND, ClassMap
-from maskdistill.pseudolabels import confident_masks
-from maskdistill.rundir import RunDir, StageManifest, read_manifest
+from maskdistill.pseudolabels import stored_kept
+from maskdistill.rundir import RunDir, StageManifest, check_run_dir, read_manifest
 from maskdistill.stages import CLUSTER, DISTILL, MINE
 from maskdistill.visualize import png_bytes
 
-RUN_CONFIG = "config.yaml"
 STAGES = (MINE, DISTILL)
 OBJECT = "object"  # the one category of mined masks before the cluster stage
 MINE_COLUMNS = ("image_id", "height", "width", "mask_rle", "bbox", "score")
@@ -121,12 +119,12 @@ def export_labels(
     run_dir: str, out: str, *, stage: str, split: str | None = None, overwrite: bool = False
 ) -> LabelsReport:
     """Write the COCO instances JSON of `stage`'s pseudo labels of `split` (default the train
-    split) to `out`; what was written. LabelsError for bad input (not a run, a stage that has
-    not run, an unknown split, `out` existing without `overwrite`)."""
+    split) to `out`; what was written. FileNotFoundError for a path that is not a run
+    directory; LabelsError for other bad input (a stage that has not run, an unknown split,
+    `out` existing without `overwrite`)."""
     if stage not in STAGES:
         raise LabelsError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
-    if not storage.is_file(f"{run_dir.rstrip('/')}/{RUN_CONFIG}"):
-        raise LabelsError(f"{run_dir}: not a run directory (no {RUN_CONFIG})")
+    check_run_dir(run_dir)
     _check_target(out, overwrite=overwrite)
     run = RunDir(run_dir)
     config = run.read_config()
@@ -240,14 +238,13 @@ def _distilled(
     row: dict[str, Any], labels: _Labels, split: str, tau: float, keep_best: bool
 ) -> list[dict[str, Any]]:
     """The candidates the distill stage kept (Sec 3.3, 4.1), most confident first."""
-    scores = np.asarray(row["candidate_score"], dtype=np.float32)
-    kept = confident_masks(scores, tau=tau, keep_best_when_none=keep_best).tolist()
-    if len(kept) != row["kept"]:
+    try:
+        kept = stored_kept(row, tau=tau, keep_best_when_none=keep_best).tolist()
+    except ValueError as err:
         raise LabelsError(
-            f"{outputs.pseudo_folder(split)}: image {row['image_id']!r}: tau={tau} keeps "
-            f"{len(kept)} candidates but the stored row kept {row['kept']}: the distill output "
-            "does not match its manifest (rerun `maskdistill distill --force`)"
-        )
+            f"{outputs.pseudo_folder(split)}: {err}; the distill output does not match its "
+            "manifest (rerun `maskdistill distill --force`)"
+        ) from None
     return [
         _annotation(
             row,

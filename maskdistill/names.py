@@ -218,12 +218,16 @@ def read_document(run_dir: str) -> Any:
         raise NamesError(f"{uri}: not valid YAML: {err}") from None
 
 
-def read_class_map(run_dir: str, num_clusters: int) -> ClassMap:
-    """The run's class map: its names.yaml, else every cluster its own class."""
-    document = read_document(run_dir)
+def class_map_of(document: Any, num_clusters: int, *, source: str = NAMES_YAML) -> ClassMap:
+    """`parse_names` of a names.yaml document, every cluster its own class for None."""
     if document is None:
         return identity(num_clusters)
-    return parse_names(document, num_clusters, source=names_uri(run_dir))
+    return parse_names(document, num_clusters, source=source)
+
+
+def read_class_map(run_dir: str, num_clusters: int) -> ClassMap:
+    """The run's class map: its names.yaml, else every cluster its own class."""
+    return class_map_of(read_document(run_dir), num_clusters, source=names_uri(run_dir))
 
 
 def run_grouping(run_dir: str) -> dict[str, Any]:

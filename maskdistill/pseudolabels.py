@@ -9,7 +9,9 @@ type would silently collide with IGNORE_INDEX (255) or wrap; `encode_label_map` 
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -45,6 +47,20 @@ def confident_masks(
         return np.array([np.argmax(scores)], dtype=np.int64)
     order = np.argsort(-scores[accepted], kind="stable")
     return accepted[order].astype(np.int64, copy=False)
+
+
+def stored_kept(row: Mapping[str, Any], *, tau: float, keep_best_when_none: bool) -> np.ndarray:
+    """The candidates a stored distill row (PSEUDO_SCHEMA) kept: `confident_masks` of its scores
+    at the stage's rule; ValueError when their number is not the row's `kept` (the row was made
+    with another tau)."""
+    scores = np.asarray(row["candidate_score"], dtype=np.float32)  # as the stage compared them
+    kept = confident_masks(scores, tau=tau, keep_best_when_none=keep_best_when_none)
+    if len(kept) != row["kept"]:
+        raise ValueError(
+            f"image {row['image_id']!r}: tau={tau} keeps {len(kept)} candidates but the stored "
+            f"row kept {row['kept']}: the pseudo labels were made with another config"
+        )
+    return kept
 
 
 def semantic_map(

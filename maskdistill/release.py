@@ -17,7 +17,7 @@ from torch import Tensor
 
 from maskdistill import storage
 from maskdistill.config import ExperimentConfig, validate_config
-from maskdistill.names import NAMES_YAML, NamesError, identity, read_class_map, read_document
+from maskdistill.names import NamesError, class_map_of, identity, names_uri, read_document
 from maskdistill.outputs import CLASS_NAMES_FILE, MODEL_FILE, read_weights
 from maskdistill.rundir import RunDir
 from maskdistill.stages import DETECTOR, SEGMENTER
@@ -121,14 +121,15 @@ def run_names(
     "cluster k". `trained`: the cluster -> label map the segmenter learnt (None: 1 + cluster);
     NamesError when names.yaml now merges or backgrounds clusters differently."""
     clusters = len(trained) if stage == SEGMENTER and trained is not None else num_classes - 1
-    classes = read_class_map(source, clusters)
+    document = read_document(source)
+    classes = class_map_of(document, clusters, source=names_uri(source))
     if stage == SEGMENTER and list(classes.labels) != (trained or list(identity(clusters).labels)):
         raise NamesError(
-            f"{join(source, NAMES_YAML)} merges or backgrounds clusters differently from the "
+            f"{names_uri(source)} merges or backgrounds clusters differently from the "
             f"trained segmenter ({num_classes} labels): run `maskdistill pipeline --config "
             f"{join(source, RUN_CONFIG)}` to retrain it, or undo that edit"
         )
-    if read_document(source) is not None:
+    if document is not None:
         return classes.cluster_names if stage == DETECTOR else classes.class_names
     run = RunDir(source)
     if run.exists(*CLASS_NAMES_FILE):

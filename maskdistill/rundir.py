@@ -25,6 +25,13 @@ ATTEMPT = "attempt.json"  # the fingerprint a stage's files under way belong to
 STALE = "stale"  # stale stage output is moved under here, not deleted
 TRACKED_PACKAGES = ("maskdistill", "torch", "torchvision", "timm", "numpy", "pyarrow", "ray")
 StageState = Literal["done", "partial", "stale", "missing"]
+CONFIG_FILE = "config.yaml"
+
+
+def check_run_dir(uri: str) -> None:
+    """FileNotFoundError naming `uri` unless it holds a run's config.yaml; creates nothing."""
+    if not storage.is_file(f"{uri.rstrip('/')}/{CONFIG_FILE}"):
+        raise FileNotFoundError(f"{uri}: not a run directory (no {CONFIG_FILE})")
 
 
 class RunDir:
