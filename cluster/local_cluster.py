@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -47,6 +48,7 @@ NODE_PORTS = (
     "--object-manager-port",
 )
 HEAD_PORTS = ("--port", "--dashboard-port", "--ray-client-server-port")
+NODE_TRIES = 3  # starts of one node, each on fresh ports, before `up` gives up
 
 
 @dataclass(frozen=True)
@@ -124,16 +126,71 @@ def _alive_nodes(dashboard: str, token: str) -> int:
     return sum(1 for row in rows if row.get("state") == "ALIVE")
 
 
-def _wait(
-    what: str, ready: Callable[[], bool], *, pids: list[int], logs: Path, timeout: float
-) -> None:
+class NodeExited(RuntimeError):
+    """A node's `ray start --block` process ended while `up` waited for it."""
+
+    def __init__(self, what: str, pid: int, log: Path) -> None:
+        self.pid = pid
+        self.log = log
+        super().__init__(f"a node exited while waiting for {what}; {log}:\n{_tail(log)}")
+
+
+def _tail(log: Path, lines: int = 20) -> str:
+    """The last lines of a node's log, for the error a CI run shows (its files are gone after)."""
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as err:
+        return f"(unreadable: {err})"
+
+
+def _wait(what: str, ready: Callable[[], bool], *, logs: dict[int, Path], timeout: float) -> None:
+    """Poll `ready` each second; NodeExited names the node that ended, with its log's tail."""
     deadline = time.monotonic() + timeout
     while not ready():
-        if not all(_running(pid) for pid in pids):
-            raise RuntimeError(f"a node exited while waiting for {what}; see {logs}/*.log")
+        for pid, log in logs.items():
+            if not _running(pid):
+                raise NodeExited(what, pid, log)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not ready after {timeout:.0f} s; see {logs}/*.log")
+            raise TimeoutError(
+                f"{what} not ready after {timeout:.0f} s; see {', '.join(map(str, logs.values()))}"
+            )
         time.sleep(1)
+
+
+def _launch(
+    name: str,
+    make_args: Callable[[], list[str]],
+    ready: Callable[[list[str]], bool],
+    *,
+    env: dict[str, str],
+    root: Path,
+    logs: dict[int, Path],
+    on_start: Callable[[list[str]], None],
+    timeout: float,
+) -> list[str]:
+    """Start one node and wait until `ready(args)`; return its arguments.
+
+    Free ports are drawn, released, then bound by Ray: another process can take one in between,
+    and the node exits at start. Such a node is started again on fresh ports, NODE_TRIES times
+    at most; any other node's exit, or the last try's, is an error.
+    """
+    for attempt in range(1, NODE_TRIES + 1):
+        args = make_args()
+        log = root / (f"{name}.log" if attempt == 1 else f"{name}.try{attempt}.log")
+        pid = _start_node(args, env=env, log=log)
+        logs[pid] = log
+        on_start(args)
+        try:
+            _wait(name, functools.partial(ready, args), logs=logs, timeout=timeout)
+            return args
+        except NodeExited as exited:
+            if exited.pid != pid or attempt == NODE_TRIES:
+                raise
+            print(f"{exited}\nstarting {name} again on fresh ports", file=sys.stderr)
+            _signal_group(pid, signal.SIGKILL)
+            del logs[pid]
+            on_start(args)
+    raise AssertionError("unreachable")
 
 
 def _running(pid: int) -> bool:
@@ -170,60 +227,84 @@ def up(
     token_path.write_text(token)
     token_path.chmod(0o600)
     env = _node_env(token_path)
-    ports = _free_ports(len(HEAD_PORTS) + len(NODE_PORTS))  # one draw: no port handed out twice
-    head = dict(zip(HEAD_PORTS, ports, strict=False))
-    gcs_port, dashboard_port = head["--port"], head["--dashboard-port"]
-    head_args = [
-        "--head",
-        *(f"{name}={port}" for name, port in zip((*HEAD_PORTS, *NODE_PORTS), ports, strict=True)),
-        "--include-dashboard=true",  # the job server lives in the dashboard
-        "--dashboard-host=127.0.0.1",
-        f"--temp-dir={root / 'ray'}",
-        f"--num-cpus={head_cpus}",
-        f"--object-store-memory={object_store_bytes}",
-        "--min-worker-port=0",  # worker processes on OS-chosen ports: no clash between nodes
-        "--max-worker-port=0",
-    ]
-    pids = [_start_node(head_args, env=env, log=root / "head.log")]
-    cluster = LocalCluster(
+    logs: dict[int, Path] = {}  # pid of each node's `ray start --block` -> its log, head first
+
+    def head_flags() -> list[str]:
+        return [
+            "--head",
+            *_port_flags((*HEAD_PORTS, *NODE_PORTS)),  # one draw: no port handed out twice
+            "--include-dashboard=true",  # the job server lives in the dashboard
+            "--dashboard-host=127.0.0.1",
+            f"--temp-dir={root / 'ray'}",
+            f"--num-cpus={head_cpus}",
+            f"--object-store-memory={object_store_bytes}",
+            "--min-worker-port=0",  # worker processes on OS-chosen ports: no clash between nodes
+            "--max-worker-port=0",
+        ]
+
+    def job_server_up(args: list[str]) -> bool:
+        dashboard = _cluster(root, args, token_path, []).dashboard
+        return _get_json(f"{dashboard}/api/jobs/", token) is not None
+
+    def save(head_args: list[str]) -> None:
+        _save(_cluster(root, head_args, token_path, list(logs)))
+
+    try:
+        head_args = _launch(
+            "head",
+            head_flags,
+            job_server_up,
+            env=env,
+            root=root,
+            logs=logs,
+            on_start=save,
+            timeout=timeout,
+        )
+        cluster = _cluster(root, head_args, token_path, list(logs))
+        for i in range(1, workers + 1):
+
+            def worker_flags(i: int = i) -> list[str]:
+                return [
+                    f"--address={cluster.gcs_address}",
+                    f"--num-cpus={worker_cpus}",
+                    f"--resources={json.dumps({f'node_{i}': 1})}",
+                    f"--object-store-memory={object_store_bytes}",
+                    "--min-worker-port=0",
+                    "--max-worker-port=0",
+                    *_port_flags(NODE_PORTS),
+                ]
+
+            _launch(
+                f"worker_{i}",
+                worker_flags,
+                functools.partial(_nodes_alive, cluster, token, i + 1),
+                env=env,
+                root=root,
+                logs=logs,
+                on_start=lambda _args: save(head_args),
+                timeout=timeout,
+            )
+    except BaseException:
+        if (root / STATE_FILE).exists():
+            down(root=root)
+        raise
+    return _cluster(root, head_args, token_path, list(logs))
+
+
+def _nodes_alive(cluster: LocalCluster, token: str, count: int, _args: list[str]) -> bool:
+    return _alive_nodes(cluster.dashboard, token) >= count
+
+
+def _cluster(root: Path, head_args: list[str], token_path: Path, pids: list[int]) -> LocalCluster:
+    """The cluster whose head was started with `head_args` (its ports are read back from them)."""
+    flags = dict(arg.split("=", 1) for arg in head_args if "=" in arg)
+    return LocalCluster(
         root=str(root),
-        gcs_address=f"127.0.0.1:{gcs_port}",
-        dashboard=f"http://127.0.0.1:{dashboard_port}",
+        gcs_address=f"127.0.0.1:{flags['--port']}",
+        dashboard=f"http://127.0.0.1:{flags['--dashboard-port']}",
         token_path=str(token_path),
         pids=pids,
     )
-    _save(cluster)
-    try:
-        _wait(
-            "the job server",
-            lambda: _get_json(f"{cluster.dashboard}/api/jobs/", token) is not None,
-            pids=pids,
-            logs=root,
-            timeout=timeout,
-        )
-        for i in range(1, workers + 1):
-            worker_args = [
-                f"--address={cluster.gcs_address}",
-                f"--num-cpus={worker_cpus}",
-                f"--resources={json.dumps({f'node_{i}': 1})}",
-                f"--object-store-memory={object_store_bytes}",
-                "--min-worker-port=0",
-                "--max-worker-port=0",
-                *_port_flags(NODE_PORTS),
-            ]
-            pids.append(_start_node(worker_args, env=env, log=root / f"worker_{i}.log"))
-            _save(cluster)
-        _wait(
-            f"{workers + 1} alive nodes",
-            lambda: _alive_nodes(cluster.dashboard, token) == workers + 1,
-            pids=pids,
-            logs=root,
-            timeout=timeout,
-        )
-    except BaseException:
-        down(root=root)
-        raise
-    return cluster
 
 
 def down(*, root: Path = DEFAULT_DIR, timeout: float = 60.0) -> None:

@@ -8,6 +8,7 @@ same auth settings in every container, and entrypoints that name code in this re
 """
 
 import importlib
+import importlib.util
 import json
 import re
 import shlex
@@ -281,3 +282,73 @@ def test_local_cluster_down_without_up_names_the_missing_state(tmp_path: Path) -
     )
     assert done.returncode != 0
     assert f"{tmp_path / 'state.json'}: no cluster was started there" in done.stderr
+
+
+def _local_cluster(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """cluster/local_cluster.py as a module (a script outside the package)."""
+    spec = importlib.util.spec_from_file_location("local_cluster", CLUSTER / "local_cluster.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "local_cluster", module)  # its dataclass looks itself up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_node(script: str) -> Any:
+    """A `_start_node` that runs `script` (its argument list's first item picks the behaviour)."""
+
+    def start(args: list[str], *, env: dict[str, str], log: Path) -> int:
+        with open(log, "wb") as out:
+            shell = ["sh", "-c", script, "node", *args]
+            return subprocess.Popen(shell, stdout=out, stderr=subprocess.STDOUT).pid
+
+    return start
+
+
+def test_a_node_that_exits_at_start_is_started_again_on_fresh_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = _local_cluster(monkeypatch)
+    tries = iter(["taken", "free"])  # the first draw's port is taken, the second's is not
+    # A taken port makes the node print Ray's bind error and exit; a free one keeps it running.
+    script = 'if [ "$1" = taken ]; then echo "bind: address already in use"; exit 1; fi; sleep 30'
+    monkeypatch.setattr(local, "_start_node", _fake_node(script))
+    started: list[list[str]] = []
+    logs: dict[int, Path] = {}
+    args = local._launch(
+        "worker_1",
+        lambda: [next(tries)],
+        lambda args: args == ["free"] and len(logs) == 1,
+        env={},
+        root=tmp_path,
+        logs=logs,
+        on_start=started.append,
+        timeout=20,
+    )
+    assert args == ["free"]
+    assert len(logs) == 1  # the exited try is no longer one of the cluster's nodes
+    assert [path.name for path in logs.values()] == ["worker_1.try2.log"]
+    assert "address already in use" in (tmp_path / "worker_1.log").read_text()
+    for pid in logs:
+        local._signal_group(pid, local.signal.SIGKILL)
+
+
+def test_a_node_that_keeps_exiting_fails_with_its_log_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = _local_cluster(monkeypatch)
+    monkeypatch.setattr(local, "_start_node", _fake_node('echo "raylet: bad flag $1"; exit 1'))
+    with pytest.raises(local.NodeExited) as exited:
+        local._launch(
+            "head",
+            lambda: ["--x"],
+            lambda args: False,
+            env={},
+            root=tmp_path,
+            logs={},
+            on_start=lambda args: None,
+            timeout=20,
+        )
+    assert exited.value.log == tmp_path / f"head.try{local.NODE_TRIES}.log"
+    assert "a node exited while waiting for head" in str(exited.value)
+    assert "raylet: bad flag --x" in str(exited.value)  # the cause, though the files go
