@@ -93,6 +93,7 @@ def cluster_splits(config: ExperimentConfig, run: RunDir, manifest: StageManifes
     manifest.metrics.update(
         {"clusters": len(result.centroids), "inertia": result.inertia, "smallest": int(sizes.min())}
     )
+    manifest.metrics["fit_objects"] = len(fit_on)  # the support split's count (Sec 4.1), if any
     manifest.metrics.update({f"size_{k}": int(n) for k, n in enumerate(sizes)})
     write_cluster_gallery(config, run)
 

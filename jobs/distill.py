@@ -28,7 +28,7 @@ from maskdistill.detector import predict
 from maskdistill.gallery import write_distill_gallery
 from maskdistill.inference import load_detector
 from maskdistill.masks import encode_rle
-from maskdistill.outputs import PSEUDO_SCHEMA, mined_splits, pseudo_folder
+from maskdistill.outputs import PSEUDO_SCHEMA, distilled_splits, pseudo_folder
 from maskdistill.pseudolabels import encode_label_map, pseudo_label
 from maskdistill.rundir import RunDir, StageManifest
 from maskdistill.stages import DISTILL
@@ -113,7 +113,7 @@ def run_stage(config: ExperimentConfig, *, force: bool = False) -> StageManifest
     """Pseudo labels for the train and val images; None when already complete."""
 
     def distill_all(manifest: StageManifest) -> None:
-        for split in mined_splits(config):
+        for split in distilled_splits(config):
             distill_split(config, run, split, manifest)
         write_distill_gallery(config, run)
 

@@ -7,7 +7,8 @@ Image ids are cut into shards of `mining.shard_size`; CPU tasks decode, a pool o
 mask math on batches of `resources.batch_size`, and the driver writes each finished shard as
 `run_dir/mine/<split>/part-NNNNN.parquet` (schema `maskdistill.outputs.MASK_SCHEMA`). A rerun
 after a crash mines only the shards without a part. Unreadable images are skipped and counted,
-with their reasons, in `mine/manifest.json`.
+with their reasons, in `mine/manifest.json`. With `mining.source: ground_truth` (an upper-bound
+diagnostic) the actors write each image's largest labelled object instead, with no ViT.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import torch
 from jobs.common import connect, execute_stage, start
 from jobs.sharded import ShardedMap, run_sharded
 from maskdistill.backbones import build_backbone
-from maskdistill.clustering import object_views
+from maskdistill.clustering import object_view_native, object_views
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import dataset_of
 from maskdistill.masks import decode_rle, encode_rle
-from maskdistill.mining import mine_images
+from maskdistill.mining import MinedMask, mine_images
+from maskdistill.oracle import NO_OBJECT, largest_object
 from maskdistill.outputs import (
     MASK_SCHEMA,
     backbone_weights,
@@ -42,7 +44,10 @@ STAGE = MINE
 
 
 class Miner:
-    """GPU actor: the ViT stays loaded; each batch gives masks (Sec 3.2) and object features."""
+    """GPU actor: the ViT stays loaded; each batch gives masks (Sec 3.2) and object features.
+
+    With `clustering.backbone` a second ViT (the release: ViT-S/8) gives the features.
+    """
 
     def __init__(self, config: ExperimentConfig) -> None:
         res = config.mining.resources
@@ -52,6 +57,12 @@ class Miner:
         self.bf16 = use_gpu and config.mining.precision == "bf16"
         self.backbone = build_backbone(config.backbone.arch, weights=backbone_weights(config))
         self.backbone.to(self.device)
+        own = config.clustering.backbone
+        self.feature_backbone = (
+            self.backbone
+            if own is None
+            else build_backbone(own.arch, weights=own.weights).to(self.device)
+        )
         self.mining = config.mining
         self.clustering = config.clustering
 
@@ -69,48 +80,102 @@ class Miner:
             bf16=self.bf16,
         )
         features = self._features(images, [m.mask for m in mined], [m.box for m in mined])
-        order = readable + [i for i, reason in enumerate(batch["reason"]) if reason]
-        blank = len(order) - len(mined)
-        return {
-            "image_id": batch["image_id"][order],
-            "shard": batch["shard"][order],
-            "reason": batch["reason"][order],
-            "height": np.array([m.height for m in mined] + [0] * blank, dtype=np.int32),
-            "width": np.array([m.width for m in mined] + [0] * blank, dtype=np.int32),
-            "mask_rle": np.array([encode_rle(m.mask)["counts"] for m in mined] + [""] * blank),
-            "bbox": np.array([m.box for m in mined] + [(0, 0, 0, 0)] * blank, dtype=np.int32),
-            "score": np.array([m.score for m in mined] + [0.0] * blank, dtype=np.float32),
-            "seed_patch": np.array([m.seed_patch for m in mined] + [(0, 0)] * blank, np.int32),
-            "seed_box": np.array([m.seed_box for m in mined] + [(0, 0, 0, 0)] * blank, np.int32),
-            "feature": np.concatenate([features, np.zeros((blank, features.shape[1]), np.float32)]),
-        }
+        return mined_columns(batch, batch["reason"], mined, features)
 
     @torch.no_grad()
     def _features(
         self, images: list[np.ndarray], masks: list[np.ndarray], boxes: list
     ) -> np.ndarray:
-        """Sec 3.2: the CLS token of each object's view (box crop or masked image)."""
+        """Sec 3.2: the CLS token of each object's view (box crop or masked image), resized to
+        view_size and batched, or at its own resolution one object at a time (`native`)."""
+        vit, mode = self.feature_backbone, self.clustering.feature
         if not images:
-            return np.zeros((0, self.backbone.embed_dim), dtype=np.float32)
-        views = object_views(
-            images, masks, boxes, mode=self.clustering.feature, size=self.clustering.view_size
-        ).to(self.device)
+            return np.zeros((0, vit.embed_dim), dtype=np.float32)
+        if self.clustering.crop == "native":
+            batches = [
+                object_view_native(image, mask, box, mode=mode, patch_size=vit.patch_size)[None]
+                for image, mask, box in zip(images, masks, boxes, strict=True)
+            ]
+        else:
+            batches = [
+                object_views(images, masks, boxes, mode=mode, size=self.clustering.view_size)
+            ]
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
-            return self.backbone.cls_features(views).float().cpu().numpy()
+            features = [vit.cls_features(views.to(self.device)).float() for views in batches]
+        return torch.cat(features).cpu().numpy()
+
+
+class GroundTruthMiner:
+    """`mining.source: ground_truth` (an upper-bound diagnostic): each image's largest labelled
+    object in place of the ViT's mask, a one-hot of its class as feature (`maskdistill.oracle`).
+    """
+
+    def __init__(self, config: ExperimentConfig, split: str) -> None:
+        self.dataset = dataset_of(config.data, split)
+        self.num_classes = len(self.dataset.class_names)
+        self.patch_size = build_backbone(config.backbone.arch).patch_size  # the seed's grid
+        self.short_side = config.mining.short_side
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        reasons = batch["reason"].astype(object)  # room for a longer reason than the batch's
+        found = []
+        for i, image_id in enumerate(batch["image_id"]):
+            if reasons[i]:
+                continue
+            obj = largest_object(
+                self.dataset.load(str(image_id)),
+                num_classes=self.num_classes,
+                patch_size=self.patch_size,
+                short_side=self.short_side,
+            )
+            if obj is None:
+                reasons[i] = NO_OBJECT
+            else:
+                found.append(obj)
+        features = np.array([m.cls_token for m in found], np.float32)
+        features = features.reshape(len(found), self.num_classes)
+        return mined_columns(batch, reasons.astype(str), found, features)
+
+
+def mined_columns(
+    batch: dict[str, np.ndarray],
+    reasons: np.ndarray,
+    mined: list[MinedMask],
+    features: np.ndarray,
+) -> dict[str, Any]:
+    """The actor's output: the images without a reason first, in order, with their `mined`
+    masks and `features` [len(mined), D]; then the skipped ones with blank columns."""
+    readable = [i for i, reason in enumerate(reasons) if not reason]
+    order = readable + [i for i, reason in enumerate(reasons) if reason]
+    blank = len(order) - len(mined)
+    return {
+        "image_id": batch["image_id"][order],
+        "shard": batch["shard"][order],
+        "reason": reasons[order],
+        "height": np.array([m.height for m in mined] + [0] * blank, dtype=np.int32),
+        "width": np.array([m.width for m in mined] + [0] * blank, dtype=np.int32),
+        "mask_rle": np.array([encode_rle(m.mask)["counts"] for m in mined] + [""] * blank),
+        "bbox": np.array([m.box for m in mined] + [(0, 0, 0, 0)] * blank, dtype=np.int32),
+        "score": np.array([m.score for m in mined] + [0.0] * blank, dtype=np.float32),
+        "seed_patch": np.array([m.seed_patch for m in mined] + [(0, 0)] * blank, np.int32),
+        "seed_box": np.array([m.seed_box for m in mined] + [(0, 0, 0, 0)] * blank, np.int32),
+        "feature": np.concatenate([features, np.zeros((blank, features.shape[1]), np.float32)]),
+    }
 
 
 def mine_split(config: ExperimentConfig, run: RunDir, split: str, manifest: StageManifest) -> None:
     """Mine every unfinished shard of `split`; each shard is written as soon as it is complete."""
+    oracle = config.mining.source == "ground_truth"
     spec = ShardedMap(
         data=config.data,
         split=split,
         folder=mined_folder(split),
         shard_size=config.mining.shard_size,
-        actor=Miner,
+        actor=GroundTruthMiner if oracle else Miner,
         to_row=_mask_row,
         resources=config.mining.resources,
         schema=MASK_SCHEMA,
-        actor_kwargs={"config": config},
+        actor_kwargs={"config": config, "split": split} if oracle else {"config": config},
         desc=STAGE,
     )
     run_sharded(run, spec, manifest)

@@ -6,7 +6,8 @@
 Stages (`maskdistill.stages`): data (index and preview) -> pretrain (DINO on the train split,
 only when backbone.weights is 'pretrain') -> mine (Sec 3.2 masks) -> cluster (K-means) ->
 detector (Mask R-CNN, Ray Train) -> distill (Sec 3.3 confident pseudo labels) -> segmenter
-(DeepLab-v3, Eq 4, Ray Train) -> evaluate (Table 1 on the val split).
+(DeepLab-v3, Eq 4, Ray Train) -> refine (CRF self-training, S1, only when
+self_training.rounds > 0) -> evaluate (Table 1 on the val split).
 
 A stage whose manifest matches the config is reused; an interrupted one resumes from its
 finished shards or latest checkpoint; one made with another config is moved aside under
@@ -29,7 +30,17 @@ import time
 from collections.abc import Sequence
 from types import ModuleType
 
-from jobs import cluster, data, distill, evaluate, mine, pretrain, train_detector, train_segmenter
+from jobs import (
+    cluster,
+    data,
+    distill,
+    evaluate,
+    mine,
+    pretrain,
+    refine,
+    train_detector,
+    train_segmenter,
+)
 from jobs.common import connect, start
 from maskdistill import console
 from maskdistill.config import ExperimentConfig
@@ -38,7 +49,17 @@ from maskdistill.rundir import RunDir, read_manifest, stage_state
 from maskdistill.stages import DATA, NAMES, OFF, STAGES, fingerprint, needed
 
 # Every stage driver has `STAGE` and `run_stage(config, *, force)`.
-_ORDER = (data, pretrain, mine, cluster, train_detector, distill, train_segmenter, evaluate)
+_ORDER = (
+    data,
+    pretrain,
+    mine,
+    cluster,
+    train_detector,
+    distill,
+    train_segmenter,
+    refine,
+    evaluate,
+)
 DRIVERS: dict[str, ModuleType] = {module.STAGE: module for module in _ORDER}
 assert tuple(DRIVERS) == NAMES, "one driver per stage, in pipeline order"
 

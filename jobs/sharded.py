@@ -18,7 +18,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
-from maskdistill.config import ActorResources, DataConfig
+from maskdistill.config import ActorResources, CRFResources, DataConfig
 from maskdistill.console import Bar
 from maskdistill.data import UnreadableImage, dataset_of
 from maskdistill.rundir import RunDir, StageManifest
@@ -69,6 +69,9 @@ class ShardedMap:
     The actor is constructed with `actor_kwargs` and called on batches holding `image_id`,
     `shard`, `image` and `reason` (empty for readable images); it returns the same keys minus
     `image`, plus its own columns, which `to_row(image_id, output_row)` turns into a row.
+    With `then` (a function, `then_kwargs` its keyword arguments) the actor's batches go on
+    to CPU tasks (`then_resources`: CPUs per task, tasks at once, images per task) whose
+    output `to_row` reads instead: GPU models and CPU post-processing each at their own pace.
     """
 
     data: DataConfig
@@ -81,6 +84,9 @@ class ShardedMap:
     schema: pa.Schema
     actor_kwargs: dict[str, Any] = field(default_factory=dict)
     desc: str = "map"
+    then: Callable[..., dict[str, Any]] | None = None
+    then_kwargs: dict[str, Any] = field(default_factory=dict)
+    then_resources: CRFResources | None = None
 
 
 def run_sharded(run: RunDir, spec: ShardedMap, manifest: StageManifest) -> None:
@@ -119,6 +125,15 @@ def _process(run: RunDir, spec: ShardedMap, pending: dict[int, list[str]]) -> No
             num_gpus=spec.resources.num_gpus,
         )
     )
+    if spec.then is not None:
+        cpu = spec.then_resources or CRFResources()
+        outputs = outputs.map_batches(
+            spec.then,
+            fn_kwargs=spec.then_kwargs,
+            batch_size=cpu.batch_size,
+            num_cpus=cpu.num_cpus,
+            concurrency=cpu.concurrency,
+        )
     # A batch redone after its actor or node died may deliver an image again: rows are kept
     # per shard by image_id, and a shard is written once each of its distinct images is back.
     missing = {shard: set(ids) for shard, ids in pending.items()}

@@ -10,7 +10,9 @@ iteration, RNG state) every `detector.checkpoint_every` iterations to
 `run_dir/detector/checkpoints/`, and losses and lr per iteration to `detector/log.jsonl`. A
 failed worker group is restarted up to `resources.max_failures` times and resumes from the latest
 checkpoint; so does a rerun of the job. A NaN or infinite loss stops the run with an error. The
-trained weights end in `detector/model.pt` for the distill stage.
+trained weights end in `detector/model.pt` for the distill stage. It trains on the clustered
+masks of every split in `detector.train_splits` (default the train split; PASCAL, A.4: VOC2012's
+train_aug and VOC2007's trainval).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from jobs.common import stage_main
 from jobs.training import Worker, export_weights, fit_stage, stage_runner
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import dataset_of
-from maskdistill.detector import MaskTargets, collate, detector_losses
+from maskdistill.data.union import SplitUnion
+from maskdistill.detector import MaskTargets, collate, detector_losses, sync_batch_norm
 from maskdistill.engine import build_scheduler, scaled_lr, trainable
 from maskdistill.inference import detector_from_config
-from maskdistill.outputs import num_classes, read_labeled
+from maskdistill.outputs import detector_splits, num_classes, read_labeled
 from maskdistill.rundir import RunDir, StageManifest
 from maskdistill.stages import DETECTOR
 
@@ -41,8 +44,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     det = loop_config["config"].detector
     worker = Worker.start(loop_config, det)
     config, run, device = worker.config, worker.run, worker.device
+    model = detector_from_config(det, num_classes=num_classes(run))
+    if det.train_batch_norm:
+        model = sync_batch_norm(model, world_size=worker.world)
     model = ray.train.torch.prepare_model(
-        detector_from_config(det, num_classes=num_classes(run)),
+        model,
         parallel_strategy_kwargs={"find_unused_parameters": True},
     )
     optimizer = torch.optim.SGD(
@@ -51,8 +57,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         momentum=det.momentum,
         weight_decay=det.weight_decay,
     )
-    rows = read_labeled(run, config.data.train_split).to_pylist()
-    samples = MaskTargets(rows, dataset_of(config.data, config.data.train_split), seed=config.seed)
+    samples = training_set(config, run)
 
     def batch_at(iteration: int) -> Any:
         indices = worker.indices(iteration, global_batch=det.batch_size, num_samples=len(samples))
@@ -79,13 +84,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
 
 
+TRAINING_COLUMNS = ("image_id", "height", "width", "mask_rle", "cluster")
+
+
+def training_set(config: ExperimentConfig, run: RunDir) -> MaskTargets:
+    """The clustered masks of every `detector.train_splits` split (A.4: VOC07+12 for PASCAL),
+    an image in several splits once (its first split's row)."""
+    splits = detector_splits(config)
+    rows: dict[str, dict[str, Any]] = {}
+    for split in splits:
+        for row in read_labeled(run, split).select(TRAINING_COLUMNS).to_pylist():
+            rows.setdefault(row["image_id"], row)
+    images = SplitUnion({split: dataset_of(config.data, split) for split in splits})
+    return MaskTargets(list(rows.values()), images, seed=config.seed)
+
+
 def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] = ()) -> None:
     """Run the TorchTrainer; export the final weights to `detector/model.pt`."""
     det = config.detector
     run = RunDir(config.run_dir)
     losses = fit_stage(train_loop_per_worker, config, STAGE, det, hooks)
     export_weights(run, STAGE, num_classes=num_classes(run), arch=det.arch)
-    manifest.inputs = len(read_labeled(run, config.data.train_split))
+    manifest.inputs = len(training_set(config, run))
     manifest.outputs = det.max_iters
     manifest.metrics.update(losses)
 

@@ -67,16 +67,18 @@ def fit_stage(
     stage: str,
     section: TrainingSection,
     hooks: Sequence[Any] = (),
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
-    """`fit_workers` for one stage (its section's workers, its run-directory folder); returns
-    rank 0's last losses, as floats. The console shows rank 0's iterations as the stage's bar."""
+    """`fit_workers` for one stage (its section's workers, its run-directory folder `stage`, which
+    may be a subfolder such as `refine/round_0`); returns rank 0's last losses, as floats.
+    `extra` joins the loop's config. The console shows rank 0's iterations as the stage's bar."""
     res = section.resources
     run = RunDir(config.run_dir)
     with follow(run.uri_of(stage, PROGRESS_FILE)):
         metrics = fit_workers(
             loop,
-            {"config": config, "hooks": list(hooks)},
-            name=stage,
+            {"config": config, "hooks": list(hooks), **(extra or {})},
+            name=stage.replace("/", "_"),
             storage_path=run.uri_of(stage, "ray"),
             num_workers=res.num_workers,
             use_gpu=res.use_gpu,

@@ -1,7 +1,7 @@
 """`maskdistill` command line: validate configs, see where a run stands, run the stages.
 
 Commands that need Ray (the stage drivers in `jobs/`, `serve`) import it only when called;
-`config`, `status`, `predict`, `export`, `export-labels` and `clusters` never do.
+`config`, `status`, `predict`, `export`, `export-labels`, `clusters` and `report` never do.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ DRIVERS = {
     "train-detector": "jobs.train_detector",
     "distill": "jobs.distill",
     "train-segmenter": "jobs.train_segmenter",
+    "refine": "jobs.refine",
     "pipeline": "jobs.pipeline",
+    "repeat": "jobs.repeat",
     "evaluate": "jobs.evaluate",
     "demo": "jobs.demo",
     "serve": "serve.app",
@@ -35,14 +37,17 @@ HELP = {
     "train-detector": "Sec 3.2: distill a Mask R-CNN on the clustered masks (Ray Train)",
     "distill": "Sec 3.3: confident detector masks -> pseudo-label maps (Ray Data)",
     "train-segmenter": "Sec 3.3 Eq 4: DeepLab-v3 on the pseudo labels (Ray Train)",
+    "refine": "S1, Table 2 +CRF: CRF self-training rounds (self_training.rounds; Ray)",
     "evaluate": "Sec 4.1, A.2-A.4: Table 1 mIoU, mask AP, pictures on the val split",
     "pipeline": "every stage in order, skipping finished ones (--from, --only)",
+    "repeat": "A.4: the stages after mining per --seeds, mean and std of every metric",
     "demo": "the pipeline on synthetic scenes, then one query to the HTTP service",
     "serve": "HTTP segmentation service for a trained run (Ray Serve)",
     "predict": "label PNGs for a folder / URI of images (no Ray)",
     "export": "release a trained run: safetensors, model card, --onnx, --torchscript (no Ray)",
     "export-labels": "pseudo labels (--stage mine|distill) as COCO JSON for CVAT etc. (no Ray)",
     "clusters": "a run's clusters and names; --k sweeps K, --init-names writes names.yaml (no Ray)",
+    "report": "the run's Tables 1-3 beside the paper's values, into RUN_DIR/report.md (no Ray)",
 }
 
 
@@ -82,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from maskdistill.clusters import main as clusters
 
         return clusters(argv[1:])
+    if argv and argv[0] == "report":
+        from maskdistill.report import main as report
+
+        return report(argv[1:])
     if argv and argv[0] in DRIVERS:
         job = importlib.import_module(DRIVERS[argv[0]])
         return int(job.main(argv[1:]))

@@ -5,9 +5,11 @@ the highest mean silhouette.
 
 `object_view` builds the ViT input for one object: its box crop (`crop`, the authors' release)
 or the whole image with everything outside the mask set to the ImageNet mean colour (`masked`,
-the paper's text). `fit_kmeans` clusters the CLS features after an optional PCA whitening and
-L2 normalisation (`FeatureTransform`), both fitted on the support set, so that features seen
-later (other splits, serving) are labelled by `assign` in the same space.
+the paper's text), resized to a square (`resize`) or at its own resolution (`native`, the
+release; `object_view_native`). `fit_kmeans` clusters the CLS features after an optional
+whitening (PCA, or per-dimension std as the release does) and L2 normalisation
+(`FeatureTransform`), both fitted on the support set, so that features seen later (other
+splits, serving) are labelled by `assign` in the same space.
 """
 
 from __future__ import annotations
@@ -25,7 +27,22 @@ from maskdistill.backbones import to_model_input
 from maskdistill.masks import Box
 
 VIEW_MODES = ("crop", "masked")
+WHITENINGS = ("none", "pca", "std")
 _MAX_FAISS_SEED = 2**31
+
+
+def _view(
+    image: np.ndarray, mask: np.ndarray, box: Box, *, mode: str, divisor: int
+) -> torch.Tensor:
+    """The normalised view [3, h, w] before any resizing: the box crop, or the whole image with
+    the pixels outside the mask at the mean colour (exactly 0 once normalised)."""
+    _check_mode(mode)
+    mask = _check_view_inputs(image, mask, box, divisor)
+    if mode == "crop":
+        x0, y0, x1, y1 = box
+        return _normalize(image[y0:y1, x0:x1])
+    # Sec 3.2: the [CLS] token "of the masked images"; the mean colour normalises to 0.
+    return torch.where(torch.from_numpy(mask), _normalize(image), 0.0)
 
 
 def object_view(
@@ -38,15 +55,7 @@ def object_view(
     the mean colour (exactly 0 once normalised). Either is resized (bilinear, antialias) to a
     square, so both modes batch together.
     """
-    _check_mode(mode)
-    mask = _check_view_inputs(image, mask, box, size)
-    if mode == "crop":
-        x0, y0, x1, y1 = box
-        view = _normalize(image[y0:y1, x0:x1])
-    else:
-        # Sec 3.2: the [CLS] token "of the masked images"; the mean colour normalises to 0.
-        view = torch.where(torch.from_numpy(mask), _normalize(image), 0.0)
-    return _resize_square(view, size)
+    return _resize_square(_view(image, mask, box, mode=mode, divisor=size), size)
 
 
 def object_views(
@@ -71,6 +80,22 @@ def object_views(
         for image, mask, box in zip(images, masks, boxes, strict=True)
     ]
     return torch.stack(views)
+
+
+def object_view_native(
+    image: np.ndarray, mask: np.ndarray, box: Box, *, mode: str, patch_size: int
+) -> torch.Tensor:
+    """`object_view` at its own resolution (the release): [3, H', W'], no resizing.
+
+    The view (box crop or masked image) is padded at the bottom and right with the mean colour
+    (0 once normalised) up to H', W', the next multiples of `patch_size`, as the release pads
+    its crops for the ViT; the ViT interpolates its position embedding to that grid. Views
+    differ in size, so each takes a forward of its own.
+    """
+    view = _view(image, mask, box, mode=mode, divisor=patch_size)
+    height, width = view.shape[-2:]
+    pad_h, pad_w = -height % patch_size, -width % patch_size
+    return F.pad(view, (0, pad_w, 0, pad_h), value=0.0)
 
 
 def _check_mode(mode: str) -> None:
@@ -114,10 +139,11 @@ def _resize_square(view: torch.Tensor, size: int) -> torch.Tensor:
 
 @dataclass
 class FeatureTransform:
-    """Feature map fitted on the support set: optional PCA whitening, then optional L2 norm.
+    """Feature map fitted on the support set: optional whitening, then optional L2 norm.
 
-    `mean` [D] and `matrix` [D, D'] are both None without whitening; D' < D when the support
-    set's covariance is rank-deficient (directions with no variance are dropped).
+    Features become (x - mean) @ matrix. `mean` [D] and `matrix` [D, D'] are both None without
+    whitening. PCA: D' < D when the support set's covariance is rank-deficient (directions with
+    no variance are dropped). std: mean 0 and matrix diag(1 / std), D' = D.
     """
 
     mean: np.ndarray | None
@@ -125,10 +151,13 @@ class FeatureTransform:
     l2_normalize: bool
 
     @classmethod
-    def fit(cls, support: np.ndarray, *, whiten: bool, l2_normalize: bool) -> FeatureTransform:
-        if not whiten:
+    def fit(cls, support: np.ndarray, *, whiten: str, l2_normalize: bool) -> FeatureTransform:
+        """`whiten`: "none", "pca" or "std" (see `WHITENINGS`)."""
+        if whiten not in WHITENINGS:
+            raise ValueError(f"unknown whitening {whiten!r}; allowed: {', '.join(WHITENINGS)}")
+        if whiten == "none":
             return cls(mean=None, matrix=None, l2_normalize=l2_normalize)
-        mean, matrix = _pca_whitening(support)
+        mean, matrix = _pca_whitening(support) if whiten == "pca" else _std_whitening(support)
         return cls(mean=mean, matrix=matrix, l2_normalize=l2_normalize)
 
     @property
@@ -169,6 +198,18 @@ def _pca_whitening(support: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, matrix
 
 
+def _std_whitening(support: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Zero mean and diag(1 / std) [D, D]: each dimension divided by its standard deviation.
+
+    The release's `scipy.cluster.vq.whiten`: population std (ddof 0), no centring; a dimension
+    without variance is left as it is (divided by 1).
+    """
+    data = np.asarray(support, dtype=np.float64)
+    std = data.std(axis=0)
+    std[std == 0] = 1.0
+    return np.zeros(data.shape[1]), np.diag(1.0 / std)
+
+
 @dataclass
 class KMeansResult:
     """Pseudo classes of the labelled features and the model to label new ones with `assign`.
@@ -190,7 +231,7 @@ def fit_kmeans(
     n_init: int = 10,
     iterations: int = 100,
     seed: int = 0,
-    whiten: bool = False,
+    whiten: str = "none",
     l2_normalize: bool = True,
     support: np.ndarray | None = None,
     use_gpu: bool = False,
@@ -294,7 +335,7 @@ def sweep_k(
     n_init: int = 10,
     iterations: int = 100,
     seed: int = 0,
-    whiten: bool = False,
+    whiten: str = "none",
     l2_normalize: bool = True,
     use_gpu: bool = False,
 ) -> list[KScore]:

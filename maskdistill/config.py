@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeGuard, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 Positive = Annotated[int, Field(gt=0)]
@@ -119,12 +126,19 @@ class DataConfig(Section):
     root: str | None = None
     train_split: str = Field(
         "train",
-        description="synthetic: train/val; voc: train_aug/train/val/trainval; "
-        "folder: a subfolder of root ('' for root itself); coco: unused",
+        description="synthetic: train/val; voc: train_aug/train/val/trainval (VOC2007: "
+        "voc07_trainval/voc07_test); "
+        "folder: a subfolder of root ('' for root itself); coco: the annotations' image "
+        "folder (train2014: every image of instances_train2014.json), any other name: the "
+        "coco_image_ids list (COCO20k)",
     )
     val_split: str | None = "val"
     coco_annotations: str | None = Field(None, description="instances_*.json for kind=coco")
-    coco_image_ids: str | None = Field(None, description="COCO20k id list file (one per line)")
+    coco_image_ids: str | None = Field(
+        None,
+        description="id list file (one COCO id or file name per line, e.g. COCO20k): every "
+        "split not named like the annotations' image folder",
+    )
     max_pixels: Positive = Field(
         89_478_485, description="larger images are skipped (decompression bombs)"
     )
@@ -242,8 +256,18 @@ class PretrainConfig(Section):
 class MiningConfig(Section):
     """Sec 3.2: one object mask per image from the last attention block."""
 
+    source: Literal["vit", "ground_truth"] = Field(
+        "vit",
+        description="'vit': Sec 3.2's mask; 'ground_truth': an upper-bound diagnostic, not "
+        "unsupervised: each image's largest labelled object (score 1) and a one-hot of its true "
+        "class as feature, so K-means recovers the classes and stages 2-3 are measured alone",
+    )
     top_k: Fraction = Field(0.4, description="share of patches kept as proposals (Fig 4: 40%)")
-    cls_heads: list[NonNegative] | None = None
+    cls_heads: list[NonNegative] | None = Field(
+        None,
+        description="heads averaged into a_CLS (Eq 1); null: every head (the paper's text); "
+        "the release: [0, 1, 2, 3, 4], the first 5 of ViT-S's 6",
+    )
     seed_component: bool = Field(
         True, description="keep the 4-connected component holding the seed (authors' release)"
     )
@@ -275,8 +299,24 @@ class ClusteringConfig(Section):
         4000, description="points the silhouette is measured on (its cost grows as the square)"
     )
     overclustering: Annotated[float, Field(ge=1.0)] = 1.0
-    whiten: bool = False
+    whiten: Literal["none", "pca", "std"] = Field(
+        "none",
+        description="before L2: 'pca' whitening (zero mean, identity covariance), 'std' each "
+        "dimension divided by its std over the support set (the release), 'none'; old "
+        "configs' true/false read as pca/none",
+    )
     l2_normalize: bool = True
+    backbone: BackboneConfig | None = Field(
+        None,
+        description="a ViT of its own for the objects' CLS features (the release: "
+        "vit_small_patch8_224.dino, weights hub); null: the mining ViT (`backbone`)",
+    )
+    crop: Literal["resize", "native"] = Field(
+        "resize",
+        description="'resize': the view resized to view_size x view_size (batched); 'native': "
+        "at its own resolution, padded with the mean colour to a multiple of the patch size, "
+        "one forward per object (the release)",
+    )
     view_size: Annotated[int, Field(ge=16)] = Field(
         224, description="side of the square object view fed to the ViT for its CLS feature"
     )
@@ -285,8 +325,21 @@ class ClusteringConfig(Section):
     seed: NonNegative = 0
     support_split: str | None = None
 
+    @field_validator("whiten", mode="before")
+    @classmethod
+    def _whiten_from_bool(cls, value: Any) -> Any:
+        """Configs from before the `std` option said whiten: true (PCA) or false."""
+        if isinstance(value, bool):
+            return "pca" if value else "none"
+        return value
+
     @model_validator(mode="after")
     def _k_range_ordered(self) -> ClusteringConfig:
+        if self.backbone is not None and self.backbone.weights == "pretrain":
+            raise ValueError(
+                "clustering.backbone.weights='pretrain' is not supported: the run pretrains "
+                "only the mining ViT; set clustering.backbone: null to use it"
+            )
         low, high = self.k_range
         if low > high:
             raise ValueError(
@@ -316,8 +369,15 @@ class LRSchedule(Section):
 class DetectorConfig(Section):
     """Mask R-CNN distilled on the clustered masks (Sec 3.2 Eq 3, A.1)."""
 
-    arch: Literal["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn"] = (
-        Field("maskrcnn_resnet50_fpn", description="resnet18_fpn: a small one for CPU demos")
+    arch: Literal[
+        "maskrcnn_resnet50_fpn",
+        "maskrcnn_resnet50_fpn_v2",
+        "maskrcnn_resnet18_fpn",
+        "maskrcnn_resnet50_c4",
+    ] = Field(
+        "maskrcnn_resnet50_fpn",
+        description="resnet50_c4: the paper's R50-C4 (Detectron2), built from torchvision parts; "
+        "resnet18_fpn: a small one for CPU demos",
     )
     init: BackboneInit = Field(
         "moco", description="'moco': MoCo v2 file at init_path; 'imagenet': torchvision (online)"
@@ -325,6 +385,12 @@ class DetectorConfig(Section):
     init_path: str | None = None
     trainable_backbone_layers: Annotated[int, Field(ge=0, le=5)] = Field(
         3, description="3 freezes the stem and res2, the first two stages (A.1)"
+    )
+    train_batch_norm: bool = Field(
+        False,
+        description="false: every backbone BatchNorm frozen at the init's statistics; true: the "
+        "trainable stages' BatchNorm trains after the MoCo init (the release; SyncBatchNorm "
+        "across several workers, so keep >= 2 images per worker)",
     )
     train_short_side: tuple[Positive, Positive] = Field(
         (480, 800), description="shorter side drawn from [low, high] in steps of 32 (A.1)"
@@ -341,6 +407,11 @@ class DetectorConfig(Section):
     )
     roi_batch_size: Positive = Field(512, description="sampled RoIs per image for the heads")
     detections_per_image: Positive = Field(100, description="candidates kept per image")
+    train_splits: Annotated[list[str], Field(min_length=1)] | None = Field(
+        None,
+        description="splits whose mined, clustered masks train it (each is mined); null: "
+        "[data.train_split]; PASCAL (A.4, after LOST): [train_aug, voc07_trainval], VOC07+12",
+    )
     batch_size: Positive = Field(16, description="global batch, split evenly over the workers")
     max_iters: Positive = 24_000
     schedule: LRSchedule = LRSchedule(base_lr=0.02, warmup_iters=100, milestones=[20_000, 22_000])
@@ -375,6 +446,12 @@ class SegmenterConfig(Section):
     )
     init: BackboneInit = "moco"
     init_path: str | None = None
+    frozen_stages: Annotated[int, Field(ge=0, le=5)] = Field(
+        2,
+        description="leading ResNet stages frozen, in the order stem, layer1, layer2, layer3, "
+        "layer4: 2 freezes stem + layer1 (Sec 4.1, 'the first two ResNet blocks'), 3 also "
+        "layer2 (the release), 0 trains everything",
+    )
     output_stride: Literal[8, 16] = 8
     hard_pixel_fraction: Fraction = Field(0.2, description="Eq 4: the top 20% hardest pixels")
     epochs: Positive = 45
@@ -391,6 +468,18 @@ class SegmenterConfig(Section):
         1.25,
     )
     rotation_degrees: Annotated[float, Field(ge=0.0, le=180.0)] = 5.0
+    augment: Literal["scale_rotate_crop", "fixed_resize"] = Field(
+        "scale_rotate_crop",
+        description="after the flip and the scale/rotation: 'scale_rotate_crop' a random "
+        "crop_size crop (A.3); 'fixed_resize' the whole image resized to crop_size x crop_size, "
+        "scaling zooming in the image's own frame (the release's 512x512 FixedResize)",
+    )
+    select: Literal["last", "best_on_val"] = Field(
+        "last",
+        description="the weights kept: 'last' iteration, or 'best_on_val': the checkpoint epoch "
+        "with the highest Hungarian-matched val mIoU (the release). best_on_val selects on the "
+        "evaluation set, i.e. on the test set: the evaluation marks its rows so",
+    )
     checkpoint_every_epochs: Positive = 1
     precision: Precision = "bf16"
     resources: TrainingResources = TrainingResources()
@@ -425,7 +514,19 @@ class EvaluationConfig(Section):
         "cached, 4 MiB per 512 x 512 image at output stride 8",
     )
     mask_ap: bool = True
-    crf: bool = False
+    mask_ap_split: str | None = Field(
+        None,
+        description="split of Table 3's mask AP (mined and distilled too); null: data.val_split; "
+        "PASCAL (A.4): trainval, the 2913 VOC12 segmentation images. Table 1 stays on val",
+    )
+    mined_score: Literal["attention", "one"] = Field(
+        "attention",
+        description="score of a mined mask in mask AP: its CLS attention share, or 1 (the "
+        "paper treats the initial masks as given, so AP ranks them in image order)",
+    )
+    crf: bool = Field(
+        False, description="Table 2 +CRF: also score the segmenter after the dense CRF (`crf:`)"
+    )
     num_overlays: NonNegative = 8
     resources: TaskResources = TaskResources()
 
@@ -435,6 +536,71 @@ class EvaluationConfig(Section):
         if any(later <= earlier for earlier, later in zip(steps, steps[1:], strict=False)):
             raise ValueError(f"probe_milestones={steps} must be strictly increasing")
         return self
+
+
+class CRFConfig(Section):
+    """[46] dense CRF (DeepLab-v2's PASCAL values): the evaluation's +CRF rows and the
+    self-training's label refinement (S1). Kernel weights are best set on a small annotated
+    set (S1); `min_probability` and `max_side` only trade exactness for speed
+    (benchmarks/crf_speed.py measures both)."""
+
+    iterations: NonNegative = Field(10, description="mean-field updates; 0 gives the argmax")
+    w_appearance: Annotated[float, Field(ge=0.0)] = Field(
+        4.0, description="appearance (bilateral) kernel weight: snaps labels to colour edges"
+    )
+    theta_alpha: Annotated[float, Field(gt=0.0)] = Field(
+        67.0, description="appearance kernel's spatial std in pixels"
+    )
+    theta_beta: Annotated[float, Field(gt=0.0)] = Field(
+        3.0, description="appearance kernel's colour std (0..255); larger spreads across colours"
+    )
+    w_smoothness: Annotated[float, Field(ge=0.0)] = Field(
+        3.0, description="smoothness kernel weight: removes isolated pixels"
+    )
+    theta_gamma: Annotated[float, Field(gt=0.0)] = Field(
+        1.0, description="smoothness kernel's spatial std in pixels"
+    )
+    min_probability: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        1e-3,
+        description="classes below this probability at every pixel of an image are left out of "
+        "its CRF (cost is linear in classes; 0 keeps all); their marginals stay tiny anyway",
+    )
+    max_side: Annotated[int, Field(ge=32)] | None = Field(
+        None,
+        description="run the CRF with the longer side at most this (kernels in pixels scaled "
+        "alike), labels upsampled nearest; None: full resolution, the paper's",
+    )
+
+
+class CRFResources(Section):
+    """How the self-training runs: a GPU actor pool predicts, CPU tasks run the CRF; never
+    hashed."""
+
+    num_cpus: Annotated[float, Field(gt=0.0)] = Field(
+        1.0, description="CPUs per CRF task; the CRF is single-threaded, so 1"
+    )
+    concurrency: Positive | None = Field(
+        None, description="CRF tasks at once (None: as many as the cluster's CPUs allow)"
+    )
+    batch_size: Positive = Field(4, description="images per CRF task")
+    predictor: ActorResources = Field(
+        ActorResources(batch_size=8),
+        description="the segmenter's actors predicting the softmax (one per GPU)",
+    )
+
+
+class SelfTrainingConfig(Section):
+    """S1, Table 2 +CRF: rounds of (dense CRF over the segmenter's train predictions -> new
+    pseudo labels -> segmenter retrained on them with its own recipe)."""
+
+    rounds: NonNegative = Field(
+        0, description="CRF self-training rounds after the segmenter stage; 0: off"
+    )
+    epochs: Positive | None = Field(
+        None, description="segmenter epochs per round (None: segmenter.epochs, the same recipe)"
+    )
+    shard_size: Positive = Field(1000, description="images per Parquet part of refined labels")
+    resources: CRFResources = CRFResources()
 
 
 class ServeConfig(Section):
@@ -502,6 +668,8 @@ class ExperimentConfig(Section):
     pseudo_labels: PseudoLabelConfig = PseudoLabelConfig()
     segmenter: SegmenterConfig = SegmenterConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    crf: CRFConfig = CRFConfig()
+    self_training: SelfTrainingConfig = SelfTrainingConfig()
     serve: ServeConfig = ServeConfig()
 
     def science(self, *keys: str) -> dict[str, Any]:

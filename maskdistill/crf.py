@@ -12,7 +12,7 @@ smoothness kernel (w 3, theta_gamma 1 px) only removes isolated pixels; the appe
 (w 4, theta_alpha 67 px, theta_beta 3 colour levels) snaps labels to colour edges. Larger
 theta_beta or w_appearance spreads labels across similar colours; the paper warns the weights
 are best set on a small annotated validation set (S1). On one CPU core a 512 x 512 image with 21
-classes takes a few seconds for 10 iterations (see the evaluation report for a measurement).
+classes takes 1-3 s for 10 iterations; `crf_labels` drops absent classes (benchmarks/crf_speed.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from maskdistill.config import CRFConfig
+from maskdistill.masks import resize_nearest
 
 INSTALL = "pip install 'maskdistill[crf]'  (builds pydensecrf2; needs a C++ compiler)"
 _MIN_PROBABILITY = 1e-8  # unaries are -log p; p = 0 would be an infinite energy
@@ -56,6 +62,54 @@ def dense_crf(
         theta_gamma=theta_gamma,
     )
     return marginals.argmax(axis=0).astype(np.int64)
+
+
+def crf_labels(image: np.ndarray, probabilities: np.ndarray, settings: CRFConfig) -> np.ndarray:
+    """`dense_crf` with the config's kernels and speed knobs: int64 labels [H, W].
+
+    Classes whose probability stays below `settings.min_probability` at every pixel are left
+    out (the kept ones renormalised, which shifts each pixel's unaries by one constant and so
+    changes nothing); a dropped class's messages stay O(min_probability), so the labels match
+    the full CRF's but for near-ties (benchmarks/crf_speed.py). One kept class is the answer
+    without a CRF. With `settings.max_side` the CRF runs on the image shrunk to that longer
+    side (probabilities area-averaged, kernel widths in pixels scaled alike) and its labels are
+    upsampled nearest.
+    """
+    _check_inputs(image, probabilities)
+    height, width = image.shape[:2]
+    kept = kept_classes(probabilities, settings.min_probability)
+    if len(kept) == 1:
+        return np.full((height, width), kept[0], dtype=np.int64)
+    chosen = probabilities[kept].astype(np.float32)
+    chosen /= chosen.sum(axis=0, keepdims=True)
+    scale = 1.0
+    if settings.max_side is not None and max(height, width) > settings.max_side:
+        scale = settings.max_side / max(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        image = np.array(Image.fromarray(image).resize(size[::-1], Image.Resampling.BOX))
+        chosen = F.interpolate(torch.from_numpy(chosen)[None], size=size, mode="area")[0].numpy()
+    labels = dense_crf(
+        image,
+        chosen,
+        iterations=settings.iterations,
+        w_appearance=settings.w_appearance,
+        theta_alpha=settings.theta_alpha * scale,
+        theta_beta=settings.theta_beta,
+        w_smoothness=settings.w_smoothness,
+        theta_gamma=settings.theta_gamma * scale,
+    )
+    if labels.shape != (height, width):
+        labels = resize_nearest(labels, (height, width))
+    return kept[labels]
+
+
+def kept_classes(probabilities: np.ndarray, min_probability: float) -> np.ndarray:
+    """int64 ids of the classes reaching `min_probability` somewhere in the image; the one
+    with the highest peak at least."""
+    peak = probabilities.reshape(len(probabilities), -1).max(axis=1)
+    keep = peak >= min_probability
+    keep[int(peak.argmax())] = True
+    return np.flatnonzero(keep).astype(np.int64)
 
 
 def _mean_field(

@@ -4,8 +4,9 @@ Each image's single mined mask becomes one training instance: class c = its clus
 c + 1, 0 is background), box b = the mask's bounding box, mask M = the decoded RLE. The trained
 model predicts many mask candidates per image with confidence scores (`predict`).
 
-Backbones are torchvision ResNets with an FPN. The paper uses ResNet-50-C4 in Detectron2;
-torchvision has no C4 Mask R-CNN, so the default is `maskrcnn_resnet50_fpn`.
+Backbones are torchvision ResNets with an FPN, or the paper's ResNet-50-C4 (Detectron2's),
+which torchvision lacks and `maskdistill.detector_c4` builds from its parts; the default stays
+`maskrcnn_resnet50_fpn`.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from maskdistill.backbones import IMAGENET_MEAN, IMAGENET_STD
 from maskdistill.data.base import Dataset
+from maskdistill.detector_c4 import maskrcnn_resnet50_c4
 from maskdistill.masks import decode_rle, mask_to_box
 from maskdistill.weights import INITS, freeze_batchnorm, load_moco
 
-ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn")
+C4 = "maskrcnn_resnet50_c4"
+ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn", C4)
 # A.1: shorter side drawn from [480, 800] in training (Detectron2's steps of 32), 800 at test.
 TRAIN_SHORT_SIDES = tuple(range(480, 801, 32))
 
@@ -68,6 +71,7 @@ def build_detector(
     init: str = "none",
     init_path: str | None = None,
     trainable_backbone_layers: int = 3,
+    train_batch_norm: bool = False,
     train_short_sides: Sequence[int] = TRAIN_SHORT_SIDES,
     test_short_side: int = 800,
     max_size: int = 1333,
@@ -81,8 +85,9 @@ def build_detector(
     network (torch hub download, or its cache); "none" is random.
     trainable_backbone_layers follows torchvision: 3 trains layer2-4 and freezes the stem and
     layer1 (A.1: the first two stages frozen); 5 trains everything. Unlike torchvision's
-    builders it is honoured for every init. BatchNorm is FrozenBatchNorm2d in the backbone when
-    it is pretrained (moco, imagenet) and in every frozen stage; otherwise plain BatchNorm2d.
+    builders it is honoured for every init. BatchNorm is FrozenBatchNorm2d in every frozen stage,
+    and in the whole backbone when it is pretrained (moco, imagenet) unless `train_batch_norm`
+    (the release: the MoCo init's BatchNorm trains); otherwise plain BatchNorm2d.
     load_init=False builds the same layers (frozen BatchNorm where `init` puts it) without
     reading or downloading the init weights: for loading a trained detector's state dict.
     kwargs go to torchvision's MaskRCNN (box_score_thresh, box_detections_per_img,
@@ -91,10 +96,23 @@ def build_detector(
     _check_args(arch, num_classes, init, init_path, train_short_sides, test_short_side, max_size)
     if {"min_size", "max_size"} & kwargs.keys():
         raise ValueError("image sizes are train_short_sides, test_short_side and max_size")
-    backbone = _backbone(arch, init, trainable_backbone_layers, load_init=load_init)
-    if init == "moco" and load_init:
-        load_moco(backbone.body, str(init_path))
-    model = _mask_rcnn(arch, backbone, num_classes, **kwargs)
+    if arch == C4:
+        model = maskrcnn_resnet50_c4(
+            num_classes=num_classes,
+            init=init,
+            init_path=init_path,
+            trainable_backbone_layers=trainable_backbone_layers,
+            train_batch_norm=train_batch_norm,
+            load_init=load_init,
+            **kwargs,
+        )
+    else:
+        backbone = _backbone(
+            arch, init, trainable_backbone_layers, train_batch_norm, load_init=load_init
+        )
+        if init == "moco" and load_init:
+            load_moco(backbone.body, str(init_path))
+        model = _mask_rcnn(arch, backbone, num_classes, **kwargs)
     model.transform = MultiScaleTransform(train_short_sides, test_short_side, max_size)
     return model
 
@@ -121,11 +139,13 @@ def _check_args(
         raise ValueError(f"image sizes must be positive, got {sizes}")
 
 
-def _backbone(arch: str, init: str, trainable_layers: int, *, load_init: bool) -> BackboneWithFPN:
+def _backbone(
+    arch: str, init: str, trainable_layers: int, train_batch_norm: bool, *, load_init: bool
+) -> BackboneWithFPN:
     """ResNet body + FPN with torchvision's stage freezing; frozen stages get frozen BN too."""
     depth = 18 if "resnet18" in arch else 50
     pretrained = init != "none"
-    norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    norm_layer = FrozenBatchNorm2d if pretrained and not train_batch_norm else nn.BatchNorm2d
     weights = _imagenet_weights(depth) if init == "imagenet" and load_init else None
     resnet = getattr(torchvision.models, f"resnet{depth}")(weights=weights, norm_layer=norm_layer)
     fpn_norm = nn.BatchNorm2d if arch.endswith("_v2") else None
@@ -239,6 +259,14 @@ def collate(
 ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     """Images and targets as lists: detection images differ in size."""
     return [image for image, _ in batch], [target for _, target in batch]
+
+
+def sync_batch_norm(model: nn.Module, *, world_size: int) -> nn.Module:
+    """With several workers every trainable BatchNorm2d becomes SyncBatchNorm (statistics over
+    the global batch, `detector.train_batch_norm`); FrozenBatchNorm2d stays as it is."""
+    if world_size < 2:
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def detector_losses(

@@ -4,13 +4,19 @@ On the labelled val split it scores, in the form of the paper's Table 1: the min
 with their clusters ("mined masks, clustered"), the confident Mask R-CNN pseudo labels
 ("+ Mask R-CNN") and the segmenter's predictions at the original resolution ("+ DeepLab-v3"),
 each Hungarian-matched to the classes (majority vote with `evaluation.matching=majority`, for
-overclustering); with `evaluation.crf` also the segmenter after a dense CRF (Table 2 "+CRF"), and
+overclustering); with `evaluation.crf` also the segmenter after a dense CRF (`crf:`), and
 with `evaluation.linear_probe` a 1x1 conv on the frozen segmenter (A.2), trained on the train split
-first and scored in the same single pass over val (its class ids need no matching). Mask AP (A.4,
+first and scored in the same single pass over val (its class ids need no matching). Table 2's
+"+CRF" rows (S1): with CRF self-training on (stage refine) the last round's segmenter ("+ CRF
+self-training"), it with a dense CRF on val ("+ CRF at evaluation") and a second probe trained
+on its features whose softmax goes through the CRF ("linear probe (A.2) + CRF"; without
+self-training that row comes with `evaluation.crf`, from the one probe). Mask AP (A.4,
 Table 3) covers the mined masks and the detector's candidates: `single` and `multi`,
-class-agnostic and semantic. The metrics themselves are in `maskdistill.evaluation`.
+class-agnostic and semantic, on `evaluation.mask_ap_split` (the val split unless set; PASCAL: the
+2913 trainval images, a second pass that needs no segmenter), the mined masks scored by attention
+or 1 (`evaluation.mined_score`). The metrics themselves are in `maskdistill.evaluation`.
 
-`evaluate(config)` writes under `run_dir/evaluate/`: `metrics.json`, `table1.md`,
+`evaluate(config)` writes under `run_dir/evaluate/`: `metrics.json`, `table1.md`, `table2.md`,
 `per_class.md` (Table S2 form, the segmenter row), `mask_ap.md`, `confusion.png`, `overlays.png`
 (image | ground truth | prediction, with a legend) and `class_names.json` (the matched class of
 each segmenter label, which the HTTP service shows). Ray-free: `jobs/evaluate.py` runs it as one
@@ -28,7 +34,7 @@ import torch
 from torch import nn
 
 from maskdistill import crf, outputs, probe
-from maskdistill.config import ExperimentConfig
+from maskdistill.config import CRFConfig, ExperimentConfig
 from maskdistill.console import PROGRESS_FILE, ProgressFile
 from maskdistill.data import dataset_of
 from maskdistill.data.base import IGNORE_INDEX, Dataset, Sample, SkipLog, iter_samples
@@ -47,7 +53,9 @@ from maskdistill.masks import decode_rle
 from maskdistill.pseudolabels import decode_label_map
 from maskdistill.release import default_class_names
 from maskdistill.rundir import RunDir
-from maskdistill.stages import EVALUATE
+from maskdistill.selection import read_selection
+from maskdistill.stages import EVALUATE, refine_wanted
+from maskdistill.stages import SEGMENTER as SEGMENTER_STAGE
 from maskdistill.visualize import labelled_overlays, png_bytes
 
 MINED, DETECTOR, SEGMENTER, CRF = (
@@ -57,6 +65,16 @@ MINED, DETECTOR, SEGMENTER, CRF = (
     "+ DeepLab-v3 + CRF",
 )
 PROBE = "linear probe (A.2)"
+# metrics.json key of `segmenter.select: best_on_val`'s record: its rows were picked on this set
+SELECTION = "segmenter selection"
+# Table 2 "+CRF" (S1): the segmenter after CRF self-training (stage refine), that model with a
+# dense CRF on val, and the linear probe's softmax through the CRF
+SELF_TRAINED, CRF_EVAL, PROBE_CRF = (
+    "+ CRF self-training",
+    "+ CRF at evaluation",
+    "linear probe (A.2) + CRF",
+)
+MASK_AP_SET = "mask AP images"  # {"split", "images"}: where Table 3's mask AP was measured
 
 
 def mined_label_map(row: dict[str, Any] | None, size: tuple[int, int]) -> np.ndarray:
@@ -69,13 +87,15 @@ def mined_label_map(row: dict[str, Any] | None, size: tuple[int, int]) -> np.nda
 
 
 def mined_instances(
-    row: dict[str, Any] | None, image_id: str, size: tuple[int, int]
+    row: dict[str, Any] | None, image_id: str, size: tuple[int, int], *, score_one: bool = False
 ) -> InstanceSet:
-    """The mined mask as an instance: class = its cluster, score = its CLS attention share."""
+    """The mined mask as an instance: class = its cluster, score = its CLS attention share, or 1
+    with `score_one` (A.4: the paper takes the initial masks as given)."""
     if row is None:
         return _no_instances(image_id, size)
     rles = _rles([row["mask_rle"]], size)
-    return InstanceSet(image_id, size, rles, np.array([row["cluster"]]), np.array([row["score"]]))
+    score = 1.0 if score_one else row["score"]
+    return InstanceSet(image_id, size, rles, np.array([row["cluster"]]), np.array([score]))
 
 
 def candidate_instances(
@@ -98,6 +118,18 @@ def _rles(counts: Sequence[str], size: tuple[int, int]) -> list[dict[str, Any]]:
     return [{"size": list(size), "counts": c} for c in counts]
 
 
+def truth_instances(sample: Sample) -> InstanceSet:
+    """The image's objects (score 1) and its crowd regions, which mask AP ignores (A.4, COCO)."""
+    assert sample.instance_masks is not None and sample.instance_classes is not None
+    masks, classes = sample.instance_masks, sample.instance_classes
+    crowd = np.zeros(len(masks), bool)
+    if sample.crowd_masks is not None and sample.crowd_classes is not None:
+        masks = np.concatenate([masks, sample.crowd_masks])
+        classes = np.concatenate([classes, sample.crowd_classes])
+        crowd = np.concatenate([crowd, np.ones(len(sample.crowd_masks), bool)])
+    return InstanceSet.from_masks(sample.image_id, masks, classes, np.ones(len(masks)), crowd)
+
+
 def _no_instances(image_id: str, size: tuple[int, int]) -> InstanceSet:
     return InstanceSet(image_id, size, [], np.zeros(0, np.int64), np.zeros(0))
 
@@ -116,6 +148,23 @@ class Findings:
     overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     skips: SkipLog = field(default_factory=SkipLog)
     scored: int = 0
+    instances_on_val: bool = True  # mask AP's instances come from the val pass
+    mined_score_one: bool = False  # `evaluation.mined_score: one`
+
+    def add_instances(
+        self, sample: Sample, mined: dict[str, Any] | None, pseudo: dict[str, Any] | None
+    ) -> bool:
+        """Mask AP's ground truth, mined mask and detector candidates of one image; False
+        when it has no instance ground truth."""
+        if sample.instance_masks is None or sample.instance_classes is None:
+            return False
+        size = (sample.height, sample.width)
+        self.truth.append(truth_instances(sample))
+        self.mined.append(
+            mined_instances(mined, sample.image_id, size, score_one=self.mined_score_one)
+        )
+        self.candidates.append(candidate_instances(pseudo, sample.image_id, size))
+        return True
 
     def add(
         self,
@@ -150,7 +199,7 @@ def score_batch(
     samples: Sequence[Sample],
     tables: dict[str, dict[str, dict[str, Any]]],
     *,
-    dense_crf: bool,
+    dense_crf: CRFConfig | None,
     linear_probe: nn.Conv2d | None = None,
 ) -> None:
     """Add one batch of val images to every Table 1 row, the instance sets and the overlays.
@@ -164,7 +213,7 @@ def score_batch(
         logits = segmenter.logits(images)
         predictions = [t.argmax(dim=0).numpy() for t in logits]
         refined = [
-            crf.dense_crf(s.image, t.softmax(dim=0).numpy())
+            crf.crf_labels(s.image, t.softmax(dim=0).numpy(), dense_crf)
             for s, t in zip(samples, logits, strict=True)
         ]
     else:
@@ -185,17 +234,39 @@ def score_batch(
         if linear_probe is not None:
             probed = probe.probe_prediction(segmenter.model, linear_probe, sample.image, size)
             findings.add(PROBE, probed, sample.semantic, num_predicted=findings.num_classes)
-        if sample.instance_masks is not None and sample.instance_classes is not None:
-            ones = np.ones(len(sample.instance_classes))
-            findings.truth.append(
-                InstanceSet.from_masks(
-                    sample.image_id, sample.instance_masks, sample.instance_classes, ones
-                )
-            )
-            findings.mined.append(mined_instances(mined, sample.image_id, size))
-            findings.candidates.append(candidate_instances(pseudo, sample.image_id, size))
+        if findings.instances_on_val:
+            findings.add_instances(sample, mined, pseudo)
         if len(findings.overlays) < findings.num_overlays:
             findings.overlays.append((sample.image, sample.semantic, prediction))
+
+
+def score_crf_rows(
+    findings: Findings,
+    segmenter: Segmenter,
+    samples: Sequence[Sample],
+    settings: CRFConfig,
+    *,
+    self_trained: bool,
+    linear_probe: nn.Conv2d | None,
+) -> None:
+    """Table 2's "+CRF" rows for one batch: with `self_trained` (`segmenter` is the last
+    self-training round's) its argmax and its dense CRF; with `linear_probe` (trained on this
+    `segmenter`) the probe's softmax through the dense CRF."""
+    if self_trained:
+        logits = segmenter.logits([s.image for s in samples])
+        for sample, scores in zip(samples, logits, strict=True):
+            assert sample.semantic is not None
+            findings.add(SELF_TRAINED, scores.argmax(dim=0).numpy(), sample.semantic)
+            refined = crf.crf_labels(sample.image, scores.softmax(dim=0).numpy(), settings)
+            findings.add(CRF_EVAL, refined, sample.semantic)
+    if linear_probe is None:
+        return
+    for sample in samples:
+        assert sample.semantic is not None
+        size = (sample.height, sample.width)
+        softmax = probe.probe_probabilities(segmenter.model, linear_probe, sample.image, size)
+        probed = crf.crf_labels(sample.image, softmax, settings)
+        findings.add(PROBE_CRF, probed, sample.semantic, num_predicted=findings.num_classes)
 
 
 def _pairs(samples: Sequence[Sample]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -203,17 +274,22 @@ def _pairs(samples: Sequence[Sample]) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def _linear_probe(
-    config: ExperimentConfig, segmenter: Segmenter, num_classes: int, bar: ProgressFile
+    config: ExperimentConfig,
+    segmenter: Segmenter,
+    num_classes: int,
+    bar: ProgressFile,
+    tag: str = "probe",
 ) -> nn.Conv2d:
-    """A.2: a 1x1 conv on the frozen segmenter, trained on the labelled train split."""
+    """A.2: a 1x1 conv on the frozen segmenter, trained on the labelled train split; its
+    curves under `tensorboard/<tag>`."""
     ev = config.evaluation
     train = dataset_of(config.data, config.data.train_split)
     train_ids = train.image_ids()[: ev.probe_max_images]
     pairs = _pairs(labelled(train, train_ids, SkipLog()))
     if not pairs:
         raise ValueError(f"linear probe: split {config.data.train_split!r} has no ground truth")
-    curves = CurveWriter(RunDir(config.run_dir).uri_of(EVALUATE, "tensorboard", "probe"))
-    bar.start(f"{EVALUATE}:probe", ev.probe_epochs, "epoch")
+    curves = CurveWriter(RunDir(config.run_dir).uri_of(EVALUATE, "tensorboard", tag))
+    bar.start(f"{EVALUATE}:{tag}", ev.probe_epochs, "epoch")
 
     def progress(epoch: int, loss: float, lr: float) -> None:
         print(f"linear probe epoch {epoch + 1}/{ev.probe_epochs}: loss {loss:.4f}, lr {lr:.3g}")
@@ -258,36 +334,93 @@ def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, 
     dataset = dataset_of(config.data, split)
     class_names = ["background", *dataset.class_names]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    segmenter = Segmenter.load(run.uri, device=device, config=config)
+    segmenter = Segmenter.load(run.uri, device=device, config=config, folder=SEGMENTER_STAGE)
     tables = {
         MINED: _rows_by_id(outputs.read_labeled(run, split)),
         DETECTOR: _rows_by_id(outputs.read_pseudo(run, split)),
     }
-    findings = Findings(segmenter.num_classes, len(class_names), ev.num_overlays)
+    ap_split = outputs.mask_ap_split(config)
+    findings = Findings(
+        segmenter.num_classes,
+        len(class_names),
+        ev.num_overlays,
+        instances_on_val=ap_split == split,
+        mined_score_one=ev.mined_score == "one",
+    )
     bar = ProgressFile(run.uri_of(EVALUATE, PROGRESS_FILE))
     linear_probe = (
         _linear_probe(config, segmenter, len(class_names), bar) if ev.linear_probe else None
     )
+    # Table 2 "+CRF": the last self-training round's segmenter (stage refine), a probe on it
+    refined = (
+        Segmenter.load(
+            run.uri, device=device, config=config, folder=outputs.final_segmenter(config)
+        )
+        if refine_wanted(config)
+        else None
+    )
+    probe_crf = linear_probe if ev.crf else None
+    if refined is not None and linear_probe is not None:
+        probe_crf = _linear_probe(config, refined, len(class_names), bar, tag="probe_crf")
     image_ids = dataset.image_ids()
     bar.start(f"{EVALUATE}:{split}", len(image_ids), "img")
     for start in range(0, len(image_ids), ev.resources.batch_size):
         batch = labelled(
             dataset, image_ids[start : start + ev.resources.batch_size], findings.skips
         )
-        score_batch(findings, segmenter, batch, tables, dense_crf=ev.crf, linear_probe=linear_probe)
+        score_batch(
+            findings,
+            segmenter,
+            batch,
+            tables,
+            dense_crf=config.crf if ev.crf else None,
+            linear_probe=linear_probe,
+        )
+        score_crf_rows(
+            findings,
+            refined or segmenter,
+            batch,
+            config.crf,
+            self_trained=refined is not None,
+            linear_probe=probe_crf,
+        )
         bar.update(min(start + ev.resources.batch_size, len(image_ids)))
     bar.update(len(image_ids), force=True)
     if SEGMENTER not in findings.confusion:
         raise ValueError(f"split {split!r}: no image with semantic ground truth to evaluate")
     metrics: dict[str, Any] = {
         row: _jsonable(
-            segmentation_scores(confusion, matching="identity" if row == PROBE else ev.matching)
+            segmentation_scores(
+                confusion, matching="identity" if row in (PROBE, PROBE_CRF) else ev.matching
+            )
         )
         for row, confusion in findings.confusion.items()
     }
+    if ev.mask_ap and ap_split is not None and ap_split != split:
+        gather_instances(config, findings, ap_split, bar)
     if ev.mask_ap and findings.truth:
         metrics["mask AP"] = _mask_ap(findings)
+        metrics[MASK_AP_SET] = {"split": ap_split, "images": len(findings.truth)}
     return metrics, findings, class_names
+
+
+def gather_instances(
+    config: ExperimentConfig, findings: Findings, split: str, bar: ProgressFile
+) -> None:
+    """A.4, Table 3 on a split of its own (PASCAL: the 2913 trainval images): every image's
+    instances, mined mask and detector candidates; images without instances are skipped."""
+    run = RunDir(config.run_dir)
+    dataset = dataset_of(config.data, split)
+    mined = _rows_by_id(outputs.read_labeled(run, split))
+    pseudo = _rows_by_id(outputs.read_pseudo(run, split))
+    image_ids = dataset.image_ids()
+    bar.start(f"{EVALUATE}:{split}", len(image_ids), "img")
+    for done, sample in enumerate(iter_samples(dataset, image_ids, findings.skips), start=1):
+        image_id = sample.image_id
+        if not findings.add_instances(sample, mined.get(image_id), pseudo.get(image_id)):
+            findings.skips.add(image_id, f"no instance ground truth (mask AP on {split})")
+        bar.update(done)
+    bar.update(len(image_ids), force=True)
 
 
 def _rows_by_id(table: Any) -> dict[str, dict[str, Any]]:
@@ -305,10 +438,42 @@ def _jsonable(scores: dict[str, Any]) -> dict[str, Any]:
 def table1(metrics: dict[str, Any]) -> str:
     """The paper's Table 1 form: one mIoU (%) per stage of the pipeline."""
     lines = ["| method | mIoU (%) |", "| --- | ---: |"]
-    for row in (MINED, DETECTOR, SEGMENTER, CRF, PROBE):
+    for row in (MINED, DETECTOR, SEGMENTER, CRF, SELF_TRAINED, CRF_EVAL, PROBE, PROBE_CRF):
         if row in metrics:
-            lines.append(f"| {row} | {100 * metrics[row]['miou']:.1f} |")
-    return "\n".join(lines)
+            mark = " *" if SELECTION in metrics and row not in (MINED, DETECTOR) else ""
+            lines.append(f"| {row}{mark} | {100 * metrics[row]['miou']:.1f} |")
+    return "\n".join(lines + _selection_footnote(metrics))
+
+
+def _selection_footnote(metrics: dict[str, Any]) -> list[str]:
+    """Under a table whose segmenter rows come from weights chosen on the evaluation set."""
+    if SELECTION not in metrics:
+        return []
+    record = metrics[SELECTION]
+    compared = len(record["scores"])
+    return ["", f"\\* {record['note']}; iteration {record['iteration']} of {compared} compared."]
+
+
+def table2(metrics: dict[str, Any]) -> str:
+    """The paper's Table 2 form: MaskDistill and MaskDistill+CRF, linear probe and clustering
+    mIoU (%); "-" where the run has no such row."""
+
+    def cell(row: str) -> str:
+        return f"{100 * metrics[row]['miou']:.1f}" if row in metrics else "-"
+
+    lines = [
+        "| method | linear probe mIoU (%) | clustering mIoU (%) |",
+        "| --- | ---: | ---: |",
+        f"| MaskDistill | {cell(PROBE)} | {cell(SEGMENTER)} |",
+    ]
+    if SELF_TRAINED in metrics:
+        lines.append(f"| MaskDistill+CRF (self-training) | - | {cell(SELF_TRAINED)} |")
+        crf_clustering = cell(CRF_EVAL)
+    else:
+        crf_clustering = cell(CRF)
+    if PROBE_CRF in metrics or crf_clustering != "-":
+        lines.append(f"| MaskDistill+CRF | {cell(PROBE_CRF)} | {crf_clustering} |")
+    return "\n".join(lines + _selection_footnote(metrics))
 
 
 def mask_ap_table(results: dict[str, dict[str, float]]) -> str:
@@ -338,11 +503,17 @@ def write_outputs(
     )
     report = [table1(metrics), "", "Per class (Table S2 form), + DeepLab-v3:", per_class]
     run.write_bytes((table1(metrics) + "\n").encode(), *outputs.TABLE1_FILE)
+    run.write_bytes((table2(metrics) + "\n").encode(), *outputs.TABLE2_FILE)
     run.write_bytes((per_class + "\n").encode(), EVALUATE, "per_class.md")
     if "mask AP" in metrics:
         ap = mask_ap_table(metrics["mask AP"])
         run.write_bytes((ap + "\n").encode(), EVALUATE, "mask_ap.md")
-        report += ["", "Mask AP (Table 3 form):", ap]
+        measured = metrics[MASK_AP_SET]
+        report += [
+            "",
+            f"Mask AP (Table 3 form) on {measured['split']}, {measured['images']} images:",
+            ap,
+        ]
     remapped = remap_confusion(findings.confusion[SEGMENTER], mapping)
     run.write_bytes(png_bytes(confusion_picture(remapped, class_names)), EVALUATE, "confusion.png")
     if findings.overlays:
@@ -366,6 +537,8 @@ def write_outputs(
 def evaluate(config: ExperimentConfig) -> tuple[dict[str, Any], list[tuple[str, str]], int]:
     """The whole stage's work on one worker: (metrics, skipped images, images scored)."""
     metrics, findings, class_names = evaluate_split(config)
+    if (selection := read_selection(RunDir(config.run_dir))) is not None:
+        metrics[SELECTION] = selection  # segmenter.select: best_on_val, chosen on this split
     print(write_outputs(RunDir(config.run_dir), metrics, findings, class_names))
     skipped = [(s.image_id, s.reason) for s in findings.skips.skipped]
     return metrics, skipped, findings.scored

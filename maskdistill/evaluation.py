@@ -13,7 +13,7 @@ import contextlib
 import io
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -34,6 +34,8 @@ class InstanceSet:
     and up to 100 detector candidates until the end: at 375x500 a dense bool mask is 187.5 kB, its
     RLE a few hundred bytes. `rles` are pycocotools dicts; `counts` may be text (as in the Parquet
     rows) or bytes and is stored as bytes. Classes are any ids; scores are 1 for ground truth.
+    `crowd` bool [M] (default all False) marks ground-truth crowd regions (COCO's iscrowd): no
+    object to find, and a detection matched to one is ignored, neither TP nor FP (COCOeval).
     """
 
     image_id: str
@@ -41,30 +43,43 @@ class InstanceSet:
     rles: list[Rle]
     classes: np.ndarray
     scores: np.ndarray
+    crowd: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
     def __post_init__(self) -> None:
         height, width = (int(s) for s in self.size)
         self.size = (height, width)
         self.classes, self.scores = np.asarray(self.classes), np.asarray(self.scores)
+        flags = np.asarray(self.crowd, dtype=bool)
+        self.crowd = np.zeros(len(self.rles), bool) if flags.size == 0 else flags
         counts = (len(self.rles), len(self.classes), len(self.scores))
         if len(set(counts)) != 1:
             raise ValueError(
                 f"image {self.image_id!r}: {counts[0]} masks, {counts[1]} classes and "
                 f"{counts[2]} scores; each mask needs one class and one score"
             )
+        if len(self.crowd) != counts[0]:
+            raise ValueError(
+                f"image {self.image_id!r}: {counts[0]} masks, {len(self.crowd)} crowd flags"
+            )
         shared = [height, width]  # one list for every RLE of the image; pycocotools only reads it
         self.rles = [_normalised(rle, shared, self.image_id) for rle in self.rles]
 
     @classmethod
     def from_masks(
-        cls, image_id: str, masks: np.ndarray, classes: np.ndarray, scores: np.ndarray
+        cls,
+        image_id: str,
+        masks: np.ndarray,
+        classes: np.ndarray,
+        scores: np.ndarray,
+        crowd: np.ndarray | None = None,
     ) -> InstanceSet:
         """The set of bool [M, H, W] masks (M may be 0; the size comes from the array)."""
         if masks.ndim != 3:
             raise ValueError(f"image {image_id!r}: masks must be [M, H, W], got {masks.shape}")
         planes = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))
         rles = coco_mask.encode(planes) if len(masks) else []
-        return cls(image_id, (masks.shape[1], masks.shape[2]), rles, classes, scores)
+        flags = np.zeros(len(masks), bool) if crowd is None else crowd
+        return cls(image_id, (masks.shape[1], masks.shape[2]), rles, classes, scores, flags)
 
     def masks(self) -> np.ndarray:
         """The bool [M, H, W] masks, decoded (for tests and pictures; evaluation needs none)."""
@@ -108,6 +123,8 @@ def instance_mask_ap(
     protocol on instance masks). A cluster left unmatched (more clusters than classes) is scored
     as false positives of the class it overlaps most (lowest class id on ties), never as true
     positives, so overclustering costs precision instead of vanishing from the evaluation.
+    Crowd regions of the truth (`InstanceSet.crowd`) are never objects: the single selection
+    and the cluster matching skip them, and a prediction matched to one is ignored (COCOeval).
     """
     if setting not in get_args(ObjectSetting):
         raise ValueError(f"setting {setting!r} is not one of {list(get_args(ObjectSetting))}")
@@ -137,6 +154,8 @@ def _by_image(
             raise KeyError(f"prediction for {instance_set.image_id!r}, which has no ground truth")
         if instance_set.image_id in predicted:
             raise ValueError(f"predictions list image {instance_set.image_id!r} twice")
+        if instance_set.crowd.any():
+            raise ValueError(f"predictions for {instance_set.image_id!r} are marked crowd")
         if instance_set.size != sizes[instance_set.image_id]:
             raise ValueError(
                 f"predictions for image {instance_set.image_id!r} are {instance_set.size}, "
@@ -153,25 +172,29 @@ def _take(instance_set: InstanceSet, index: np.ndarray, image_id: str | None = N
         [instance_set.rles[i] for i in index],
         instance_set.classes[index],
         instance_set.scores[index],
+        instance_set.crowd[index],
     )
 
 
 def _single_object(
     truth: Sequence[InstanceSet], predicted: dict[str, InstanceSet]
 ) -> tuple[list[InstanceSet], list[InstanceSet]]:
-    # A.4 single: the most confident mask and the object with the largest box IoU with it.
+    # A.4 single: the most confident mask and the object with the largest box IoU with it;
+    # crowd regions are no candidates but stay, so that a top mask on a crowd is ignored.
     kept_truth: list[InstanceSet] = []
     kept_predictions: list[InstanceSet] = []
-    for objects in truth:
-        prediction = predicted.get(objects.image_id)
+    for image in truth:
+        objects, crowds = np.flatnonzero(~image.crowd), np.flatnonzero(image.crowd)
+        rles = [image.rles[i] for i in objects]
+        prediction = predicted.get(image.image_id)
         if prediction is None or len(prediction.scores) == 0:
-            largest = np.argsort(-_areas(objects.rles), kind="stable")[:1]
-            kept_truth.append(_take(objects, largest))
-            continue
-        top = int(np.argmax(prediction.scores))
-        kept_predictions.append(_take(prediction, np.array([top])))
-        overlaps = _box_iou(_boxes(prediction.rles[top : top + 1])[0], _boxes(objects.rles))
-        kept_truth.append(_take(objects, np.argsort(-overlaps, kind="stable")[:1]))
+            order = np.argsort(-_areas(rles), kind="stable")
+        else:
+            top = int(np.argmax(prediction.scores))
+            kept_predictions.append(_take(prediction, np.array([top])))
+            overlaps = _box_iou(_boxes(prediction.rles[top : top + 1])[0], _boxes(rles))
+            order = np.argsort(-overlaps, kind="stable")
+        kept_truth.append(_take(image, np.concatenate([objects[order[:1]], crowds])))
     return kept_truth, kept_predictions
 
 
@@ -204,8 +227,9 @@ def _match_clusters(
 ) -> tuple[list[InstanceSet], list[InstanceSet]]:
     """A.4: predictions relabelled with the ground-truth class Hungarian-matched to their cluster.
 
-    Masks of unmatched clusters move to a companion image without objects (same size), labelled
-    with the class they overlap most: there they can only be false positives of that class.
+    Masks of unmatched clusters move to a companion image without objects (same size, the
+    image's crowd regions kept), labelled with the class they overlap most: there they can only
+    be false positives of that class (or ignored on its crowd).
     """
     clusters, classes, overlap = _cluster_class_overlap(truth, predictions)
     if classes.size == 0 or clusters.size == 0:
@@ -213,8 +237,8 @@ def _match_clusters(
     mapping = _hungarian_mapping(overlap)
     matched = mapping >= 0
     target = np.where(matched, mapping, overlap.argmax(axis=1))
-    sizes = {t.image_id: t.size for t in truth}
-    taken = set(sizes)
+    by_id = {t.image_id: t for t in truth}
+    taken = set(by_id)
     truth_out, predictions_out = list(truth), []
     for prediction in predictions:
         index = np.searchsorted(clusters, prediction.classes)
@@ -229,8 +253,8 @@ def _match_clusters(
         if matched[index].all():
             continue
         companion = _unused_name(f"{prediction.image_id}#unmatched", taken)
-        size = sizes[prediction.image_id]
-        truth_out.append(InstanceSet(companion, size, [], np.zeros(0, np.int64), np.zeros(0)))
+        image = by_id[prediction.image_id]
+        truth_out.append(_take(image, np.flatnonzero(image.crowd), companion))
         predictions_out.append(_take(relabelled, np.flatnonzero(~matched[index]), companion))
     return truth_out, predictions_out
 
@@ -249,12 +273,12 @@ def _cluster_class_overlap(
 
     Per image, the union of a cluster's masks against the union of a class's masks (overlapping
     masks of one cluster count once), summed over the images; unions and their intersections are
-    taken on the RLEs (pycocotools merge), never decoded.
+    taken on the RLEs (pycocotools merge), never decoded. Crowd regions are left out.
     """
+    objects = {t.image_id: _take(t, np.flatnonzero(~t.crowd)) for t in truth}
     clusters = _unique_ids([p.classes for p in predictions])
-    classes = _unique_ids([t.classes for t in truth])
+    classes = _unique_ids([t.classes for t in objects.values()])
     overlap = np.zeros((len(clusters), len(classes)))
-    objects = {t.image_id: t for t in truth}
     for prediction in predictions:
         ground = objects[prediction.image_id]
         rows, predicted = _class_unions(prediction, clusters)
@@ -331,8 +355,12 @@ def _annotations(
     for instance_set in sets:
         if instance_set.image_id not in images:
             raise KeyError(f"prediction for {instance_set.image_id!r}, which has no ground truth")
-        for rle, cls, score in zip(
-            instance_set.rles, instance_set.classes, instance_set.scores, strict=True
+        for rle, cls, score, crowd in zip(
+            instance_set.rles,
+            instance_set.classes,
+            instance_set.scores,
+            instance_set.crowd,
+            strict=True,
         ):
             annotation: dict[str, object] = {
                 "id": len(annotations) + 1,
@@ -341,7 +369,7 @@ def _annotations(
                 "segmentation": rle,
                 "area": float(coco_mask.area(rle)),
                 "bbox": list(coco_mask.toBbox(rle)),
-                "iscrowd": 0,
+                "iscrowd": int(crowd),  # COCOeval: IoU = overlap / detection area, a match ignored
             }
             if with_scores:
                 annotation["score"] = float(score)

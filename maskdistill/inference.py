@@ -47,6 +47,7 @@ def detector_from_config(
         init=det.init,
         init_path=det.init_path,
         trainable_backbone_layers=det.trainable_backbone_layers,
+        train_batch_norm=det.train_batch_norm,
         train_short_sides=tuple(range(low, high, SIDE_STEP)) + (high,),
         test_short_side=det.test_short_side,
         max_size=det.max_size,
@@ -195,6 +196,7 @@ def segmenter_from_config(seg: SegmenterConfig, *, num_classes: int) -> nn.Modul
         init_path=seg.init_path,
         output_stride=seg.output_stride,
         backbone=seg.backbone,
+        frozen_stages=seg.frozen_stages,
     )
 
 
@@ -254,10 +256,12 @@ class Segmenter:
         config: ExperimentConfig | None = None,
         max_side: int | None = None,
         pad_multiple: int = 128,
+        folder: str | None = None,
     ) -> Segmenter:
         """The segmenter of a run directory or export folder (strictly) with its class names;
-        the architecture from `config`, by default the source's own."""
-        loaded = read_model(source, SEGMENTER, config=config)
+        the architecture from `config`, by default the source's own. `folder`: which of a run's
+        segmenters (`release.read_model`; by default the last self-training round's)."""
+        loaded = read_model(source, SEGMENTER, config=config, folder=folder)
         return cls(
             build_model(loaded, SEGMENTER).to(device),
             loaded.class_names,

@@ -129,7 +129,7 @@ def export_labels(
     run = RunDir(run_dir)
     config = run.read_config()
     split = config.data.train_split if split is None else split
-    splits = outputs.mined_splits(config)
+    splits = outputs.distilled_splits(config) if stage == DISTILL else outputs.mined_splits(config)
     if split not in splits:
         shown = ", ".join(repr(s) for s in splits)
         raise LabelsError(f"split {split!r}: not a split of this run (it has {shown})")

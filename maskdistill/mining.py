@@ -222,7 +222,7 @@ def _to_original(
     seed_patch = divmod(seed, grid[1])
     pixels = grid_mask.repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
     mask = resize_nearest(unpad(pixels, mined), original).cpu().numpy()
-    seed_box = _patch_box(seed_patch, patch_size, original, mined)
+    seed_box = patch_box(seed_patch, patch_size, original, mined)
     if not mask.any():  # a patch can fall between pixels when the image is far smaller
         mask[seed_box[1], seed_box[0]] = True
     return MinedMask(
@@ -238,7 +238,7 @@ def _to_original(
     )
 
 
-def _patch_box(
+def patch_box(
     patch: tuple[int, int], patch_size: int, original: tuple[int, int], mined: tuple[int, int]
 ) -> tuple[int, int, int, int]:
     """Box (x0, y0, x1, y1) of the original pixels that `resize_nearest` takes from a patch."""

@@ -17,6 +17,8 @@ The one place drivers, benchmarks, `predict` and the service learn the layout of
     distill/gallery/...               the same files for the kept train masks, by score
     names.yaml                        the user's names, merges, background clusters
     segmenter/model.pt                {"model", "num_classes", "cluster_labels"}
+    refine/round_N/labels/part-NNNNN.parquet  REFINED_SCHEMA: round N's CRF labels (S1)
+    refine/round_N/model.pt           the segmenter retrained on them, as segmenter/model.pt
     evaluate/metrics.json, table1.md  Table 1 rows, per-class IoU, mask AP (and pictures)
     evaluate/class_names.json         the class each segmenter label was matched to
 """
@@ -37,7 +39,18 @@ from maskdistill.config import ExperimentConfig
 from maskdistill.names import ClassMap, read_class_map
 from maskdistill.rundir import RunDir, read_manifest
 from maskdistill.shards import read_parts, split_folder, split_name
-from maskdistill.stages import CLUSTER, DATA, DISTILL, EVALUATE, MINE, PRETRAIN, pretrain_wanted
+from maskdistill.stages import (
+    CLUSTER,
+    DATA,
+    DISTILL,
+    EVALUATE,
+    MINE,
+    PRETRAIN,
+    REFINE,
+    SEGMENTER,
+    pretrain_wanted,
+    refine_wanted,
+)
 
 MODEL_FILE = "model.pt"
 PRETRAINED_BACKBONE = (PRETRAIN, "backbone.pth")
@@ -45,6 +58,7 @@ KMEANS = (CLUSTER, "kmeans.npz")
 CLASS_NAMES_FILE = (EVALUATE, "class_names.json")
 METRICS_FILE = (EVALUATE, "metrics.json")
 TABLE1_FILE = (EVALUATE, "table1.md")
+TABLE2_FILE = (EVALUATE, "table2.md")  # Table 2 form: linear probe and clustering, +CRF rows
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -85,11 +99,37 @@ PSEUDO_SCHEMA = pa.schema(
 )
 
 
+def detector_splits(config: ExperimentConfig) -> list[str]:
+    """The splits whose clustered masks train the detector (`detector.train_splits`)."""
+    return list(config.detector.train_splits or [config.data.train_split])
+
+
+def mask_ap_split(config: ExperimentConfig) -> str | None:
+    """The split of Table 3's mask AP: `evaluation.mask_ap_split`, else the val split."""
+    return config.evaluation.mask_ap_split or config.data.val_split
+
+
 def mined_splits(config: ExperimentConfig) -> list[str]:
-    """Train, val and the clustering support split, each mined (and distilled) once."""
+    """Train, val, the clustering support split, the detector's training splits and the mask
+    AP split, each mined once (the mine stage hashes the keys that name them)."""
     data = config.data
-    names = (data.train_split, data.val_split, config.clustering.support_split)
+    names = (
+        data.train_split,
+        data.val_split,
+        config.clustering.support_split,
+        *detector_splits(config),
+        mask_ap_split(config),
+    )
     return list(dict.fromkeys(s for s in names if s is not None))
+
+
+def distilled_splits(config: ExperimentConfig) -> list[str]:
+    """The mined splits the detector labels: train, val and the mask AP split; not a support
+    split that only K-means reads (COCO20k: its 82783 train2014 images are clustered, never
+    distilled) nor one that only trains the detector (PASCAL: voc07_trainval)."""
+    data = config.data
+    used = (data.train_split, data.val_split, mask_ap_split(config))
+    return [s for s in mined_splits(config) if s in used]
 
 
 def index_path(split: str) -> tuple[str, str]:
@@ -201,6 +241,40 @@ def pseudo_folder(split: str) -> str:
 def read_pseudo(run: RunDir, split: str, columns: Sequence[str] | None = None) -> pa.Table:
     """A split's pseudo-label rows (only `columns` if given)."""
     return read_parts(run, pseudo_folder(split), PSEUDO_SCHEMA, columns)
+
+
+# CRF self-training (S1): the dense CRF's labels of the train split, in the segmenter's labels
+REFINED_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("label_png", pa.binary()),  # segmenter labels: 0 background, then names.yaml's groups
+        ("changed", pa.float32()),  # share of pixels the CRF moved off the segmenter's argmax
+    ]
+)
+
+
+def refine_round(round_index: int) -> str:
+    """A self-training round's folder: `labels/` parts, the retrained segmenter's model.pt."""
+    return f"{REFINE}/round_{round_index}"
+
+
+def refined_folder(round_index: int) -> str:
+    return f"{refine_round(round_index)}/labels"
+
+
+def read_refined(run: RunDir, round_index: int, columns: Sequence[str] | None = None) -> pa.Table:
+    """A round's refined train labels (only `columns` if given)."""
+    return read_parts(run, refined_folder(round_index), REFINED_SCHEMA, columns)
+
+
+def final_segmenter(config: ExperimentConfig) -> str:
+    """The folder of the segmenter the evaluation scores: the last self-training round's, or
+    the segmenter stage's when self-training is off."""
+    if refine_wanted(config):
+        return refine_round(config.self_training.rounds - 1)
+    return SEGMENTER
 
 
 def has_weights(run: RunDir, stage: str) -> bool:

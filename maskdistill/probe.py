@@ -120,6 +120,17 @@ def probe_prediction(
         return upsampled.argmax(dim=1)[0].cpu().numpy()
 
 
+def probe_probabilities(
+    model: nn.Module, probe: nn.Conv2d, image: np.ndarray, size: tuple[int, int]
+) -> np.ndarray:
+    """float32 softmax [C, *size] of the probe on a uint8 RGB image (for the dense CRF, Table 2
+    "linear probe + CRF"): the logits of `probe_prediction`, upsampled alike."""
+    with torch.no_grad():
+        logits = probe(probe_features(model, normalize(image)[None]))
+        upsampled = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return upsampled[0].float().softmax(dim=0).cpu().numpy()
+
+
 def probe_confusion(
     model: nn.Module,
     probe: nn.Conv2d,

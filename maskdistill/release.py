@@ -18,7 +18,7 @@ from torch import Tensor
 from maskdistill import storage
 from maskdistill.config import ExperimentConfig, validate_config
 from maskdistill.names import NamesError, class_map_of, identity, names_uri, read_document
-from maskdistill.outputs import CLASS_NAMES_FILE, MODEL_FILE, read_weights
+from maskdistill.outputs import CLASS_NAMES_FILE, MODEL_FILE, final_segmenter, read_weights
 from maskdistill.rundir import RunDir
 from maskdistill.stages import DETECTOR, SEGMENTER
 
@@ -75,9 +75,12 @@ def read_config(source: str) -> ExperimentConfig:
     )
 
 
-def read_model(source: str, stage: str, *, config: ExperimentConfig | None = None) -> LoadedModel:
+def read_model(
+    source: str, stage: str, *, config: ExperimentConfig | None = None, folder: str | None = None
+) -> LoadedModel:
     """The trained `stage` (segmenter or detector) of an export folder or a run directory, with
-    `config` (the architecture) when given, else the source's own.
+    `config` (the architecture) when given, else the source's own. In a run directory the
+    weights are `<folder>/model.pt`, by default `served_folder`'s.
 
     FileNotFoundError naming the file when that stage has no weights there, or naming `source`
     when it is neither. Never creates anything at `source`.
@@ -87,7 +90,18 @@ def read_model(source: str, stage: str, *, config: ExperimentConfig | None = Non
     config = config or read_config(source)
     if is_export(source):
         return _read_export(source, stage, config)
-    return _read_run(source, stage, config)
+    return _read_run(source, stage, config, folder or served_folder(source, stage, config))
+
+
+def served_folder(source: str, stage: str, config: ExperimentConfig) -> str:
+    """The folder of a run's `stage` weights that predict, serve and export use: for the
+    segmenter the last CRF self-training round's once it is trained (stage refine, S1), else
+    `<stage>/`."""
+    if stage == SEGMENTER:
+        final = final_segmenter(config)
+        if final != SEGMENTER and storage.is_file(join(source, final, MODEL_FILE)):
+            return final
+    return stage
 
 
 def _read_export(source: str, stage: str, config: ExperimentConfig) -> LoadedModel:
@@ -104,9 +118,9 @@ def _read_export(source: str, stage: str, config: ExperimentConfig) -> LoadedMod
     return LoadedModel(config, load_safetensors(data), int(metadata["num_classes"]), list(names))
 
 
-def _read_run(source: str, stage: str, config: ExperimentConfig) -> LoadedModel:
-    """`<stage>/model.pt` and the names of its labels (`run_names`)."""
-    weights = read_weights(RunDir(source), stage)
+def _read_run(source: str, stage: str, config: ExperimentConfig, folder: str) -> LoadedModel:
+    """`<folder>/model.pt` and the names of its `stage` labels (`run_names`)."""
+    weights = read_weights(RunDir(source), folder)
     num_classes = int(weights["num_classes"])
     trained = weights.get("cluster_labels")
     names = run_names(source, stage, num_classes, trained)

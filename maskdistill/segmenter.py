@@ -28,7 +28,10 @@ from maskdistill.weights import INITS, freeze_batchnorm, load_moco
 
 BACKBONES = ("resnet50", "resnet18")
 OUTPUT_STRIDES = (8, 16)
-FROZEN_STAGES = ("conv1", "bn1", "layer1")  # Sec 4.1: the first two ResNet blocks, stem + layer1
+# ResNet stages in order: the stem, then layer1-4; `frozen_stages` freezes a prefix of them
+STAGE_MODULES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+PAPER_FROZEN_STAGES = 2  # Sec 4.1 "we freeze the first two ResNet blocks": stem + layer1
+AUGMENTS = ("scale_rotate_crop", "fixed_resize")
 _FEATURE_CHANNELS = {"resnet50": 2048, "resnet18": 512}
 # DeepLab-v3's ASPP rates at output stride 16, doubled at 8 (torchvision's 12, 24, 36)
 _ASPP_RATES_OS16 = (6, 12, 18)
@@ -41,6 +44,7 @@ def build_segmenter(
     init_path: str | None = None,
     output_stride: int = 8,
     backbone: str = "resnet50",
+    frozen_stages: int = PAPER_FROZEN_STAGES,
 ) -> DeepLabV3:
     """DeepLab-v3 with a dilated ResNet for `num_classes` classes, background included.
 
@@ -51,15 +55,16 @@ def build_segmenter(
     init: "moco" loads a MoCo (v1/v2) ResNet checkpoint from `init_path` (path or URI) strictly
     into the ResNet body; "imagenet" takes torchvision's ImageNet weights (downloads); "none"
     is random.
-    Sec 4.1: the stem (conv1, bn1) and layer1 are frozen for every init: requires_grad False,
+    The first `frozen_stages` of (stem, layer1, layer2, layer3, layer4) are frozen for every
+    init (Sec 4.1: 2, the stem and layer1; the release: 3, also layer2): requires_grad False,
     and their BatchNorms are FrozenBatchNorm2d so their running statistics never change either.
-    layer2-4 and the head train, with ordinary BatchNorm (so training batches need >= 2 images:
-    the ASPP pooling branch normalises one value per image).
+    The later stages and the head train, with ordinary BatchNorm (so training batches need >= 2
+    images: the ASPP pooling branch normalises one value per image).
     """
     _check_args(num_classes, init, init_path, output_stride, backbone)
     resnet = _dilated_resnet(backbone, init, output_stride)
     body = IntermediateLayerGetter(resnet, return_layers={"layer4": "out"})
-    _freeze_stages(body)
+    _freeze_stages(body, frozen_stages)
     if init == "moco":
         load_moco(body, str(init_path))
     rates = tuple(rate * 16 // output_stride for rate in _ASPP_RATES_OS16)
@@ -114,9 +119,16 @@ def _dilate_stage(stage: nn.Module, dilation: int) -> None:
             conv.padding = (rate, rate)
 
 
-def _freeze_stages(body: nn.Module) -> None:
-    """Sec 4.1: no gradient for the stem and layer1; their BatchNorms become FrozenBatchNorm2d."""
-    for name in FROZEN_STAGES:
+def frozen_modules(frozen_stages: int) -> tuple[str, ...]:
+    """The ResNet modules the first `frozen_stages` stages consist of (0..5)."""
+    if not 0 <= frozen_stages <= len(STAGE_MODULES):
+        raise ValueError(f"frozen_stages={frozen_stages}: expected 0..{len(STAGE_MODULES)}")
+    return tuple(name for stage in STAGE_MODULES[:frozen_stages] for name in stage)
+
+
+def _freeze_stages(body: nn.Module, frozen_stages: int) -> None:
+    """Sec 4.1: no gradient for the frozen stages; their BatchNorms become FrozenBatchNorm2d."""
+    for name in frozen_modules(frozen_stages):
         getattr(body, name).requires_grad_(False)
     freeze_batchnorm(body)
 
@@ -183,9 +195,12 @@ class SegmentationSamples(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
     [H, W] label map, as the distill stage writes). Each item is scaled by a factor drawn from
     `scale_range` and rotated by an angle drawn from +-`rotation_degrees` in one resampling
     (image bilinear, labels nearest; ScaleNRotate), flipped horizontally with probability 0.5
-    if `hflip`, then cropped at a random place to `crop_size` x `crop_size`, padded where the
-    image is smaller. Pixels from outside the image are IGNORE_INDEX in the label and 0 in the
-    normalised image (the mean colour).
+    if `hflip`, then (`augment` "scale_rotate_crop") cropped at a random place to `crop_size` x
+    `crop_size`, padded where the image is smaller. With "fixed_resize" (the release's
+    FixedResize) the scale zooms in the image's own frame and that frame is resized to
+    `crop_size` x `crop_size`, all in one resampling: no crop, aspect not kept. Pixels from
+    outside the image are IGNORE_INDEX in the label and 0 in the normalised image (the mean
+    colour).
     Randomness comes only from (seed, index, variant): `load(i, variant=v)` is stateless (safe
     from loader threads); `dataset[i]` uses `variant=epoch`, so setting `epoch` before each pass
     gives fresh augmentations that are still reproducible. `label_lookup` (uint8 [256],
@@ -203,7 +218,10 @@ class SegmentationSamples(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
         hflip: bool = True,
         seed: int = 0,
         label_lookup: np.ndarray | None = None,
+        augment: str = "scale_rotate_crop",
     ) -> None:
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment={augment!r}: expected one of {AUGMENTS}")
         if crop_size < 1:
             raise ValueError(f"crop_size={crop_size}: expected >= 1")
         if not 0.0 < scale_range[0] <= scale_range[1]:
@@ -218,6 +236,7 @@ class SegmentationSamples(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
         self.hflip = hflip
         self.seed = seed
         self.label_lookup = label_lookup
+        self.augment = augment
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -233,6 +252,10 @@ class SegmentationSamples(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
         scale = rng.uniform(*self.scale_range)
         angle = rng.uniform(-self.rotation_degrees, self.rotation_degrees)
         flip = self.hflip and bool(rng.random() < 0.5)
+        if self.augment == "fixed_resize":
+            out = (self.crop_size, self.crop_size)
+            image, label = _warp(image, label, _sampling_grid(label.shape, out, angle, zoom=scale))
+            return (image.flip(-1), label.flip(-1)) if flip else (image, label)
         image, label = _scale_rotate(image, label, scale, angle)
         if flip:
             image, label = image.flip(-1), label.flip(-1)
@@ -270,7 +293,11 @@ def _scale_rotate(
     """
     height, width = label.shape
     out_h, out_w = max(1, round(height * scale)), max(1, round(width * scale))
-    grid = _sampling_grid((height, width), (out_h, out_w), math.radians(angle))
+    return _warp(image, label, _sampling_grid((height, width), (out_h, out_w), angle))
+
+
+def _warp(image: Tensor, label: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
+    """Image bilinear (0 outside) and labels nearest (IGNORE_INDEX outside) at `grid`."""
     warped = F.grid_sample(image[None], grid, mode="bilinear", align_corners=False)[0]
     # labels shifted by one so that grid_sample's zero padding marks the outside
     shifted = (label + 1).to(torch.float32)[None, None]
@@ -280,16 +307,19 @@ def _scale_rotate(
     return warped, labels
 
 
-def _sampling_grid(size: tuple[int, int], out_size: tuple[int, int], radians: float) -> Tensor:
+def _sampling_grid(
+    size: Sequence[int], out_size: tuple[int, int], degrees: float, *, zoom: float = 1.0
+) -> Tensor:
     """grid_sample grid [1, out_h, out_w, 2]: for each output pixel centre, its source position.
 
-    Output pixel p (relative to the output centre) comes from R S^-1 p (relative to the input
-    centre), R the rotation by `radians`, S the per-axis scale out / in.
+    Output pixel p (relative to the output centre) comes from R S^-1 p / zoom (relative to the
+    input centre), R the rotation by `degrees`, S the per-axis scale out / in.
     """
     (height, width), (out_h, out_w) = size, out_size
     ys = torch.arange(out_h, dtype=torch.float64) + 0.5 - out_h / 2
     xs = torch.arange(out_w, dtype=torch.float64) + 0.5 - out_w / 2
-    y, x = torch.meshgrid(ys * height / out_h, xs * width / out_w, indexing="ij")
+    y, x = torch.meshgrid(ys * height / out_h / zoom, xs * width / out_w / zoom, indexing="ij")
+    radians = math.radians(degrees)
     cos, sin = math.cos(radians), math.sin(radians)
     src_x = cos * x - sin * y + width / 2
     src_y = sin * x + cos * y + height / 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from maskdistill.rundir import Fingerprint, RunDir, StageState, read_record, sta
 
 DATA, PRETRAIN, MINE, CLUSTER = "data", "pretrain", "mine", "cluster"
 DETECTOR, DISTILL, SEGMENTER, EVALUATE = "detector", "distill", "segmenter", "evaluate"
+REFINE = "refine"
 PRETRAINED = "pretrain"  # backbone.weights: mine with this run's own DINO pretraining
 
 
@@ -49,7 +51,19 @@ PIPELINE = (
     ),
     Stage(
         MINE,
-        ("data", "backbone", "mining", "clustering.feature", "clustering.view_size"),
+        (
+            "data",
+            "backbone",
+            "mining",
+            "clustering.feature",
+            "clustering.view_size",
+            "clustering.backbone",
+            "clustering.crop",
+            # the splits it mines besides train and val (`outputs.mined_splits`)
+            "clustering.support_split",
+            "detector.train_splits",
+            "evaluation.mask_ap_split",
+        ),
         (PRETRAIN,),
         "Sec 3.2: one object mask and CLS feature per image",
     ),
@@ -65,9 +79,16 @@ PIPELINE = (
         reads_names=True,
     ),
     Stage(
+        REFINE,
+        ("self_training", "crf", "segmenter", "seed"),
+        (SEGMENTER, DISTILL),
+        "S1, Table 2 +CRF: dense CRF over the train predictions, segmenter retrained, per round",
+        "loss_seg",
+    ),
+    Stage(
         EVALUATE,
-        ("evaluation",),
-        (CLUSTER, DISTILL, SEGMENTER),
+        ("evaluation", "crf", "seed"),  # the seed draws the linear probe's batches
+        (CLUSTER, DISTILL, SEGMENTER, REFINE),  # refine only when it is on
         "Sec 4.1: Table 1, mask AP, pictures",
         "miou + DeepLab-v3",
     ),
@@ -86,16 +107,26 @@ def evaluation_wanted(config: ExperimentConfig) -> bool:
     return config.data.val_split is not None and config.data.kind != "folder"
 
 
+def refine_wanted(config: ExperimentConfig) -> bool:
+    """Whether CRF self-training runs (stage `refine`): self_training.rounds > 0."""
+    return config.self_training.rounds > 0
+
+
 OFF = {  # why a stage is not part of a config
     PRETRAIN: "it runs only with backbone.weights: pretrain",
+    REFINE: "it runs only with self_training.rounds > 0",
     EVALUATE: "it needs data.val_split with ground truth; an image folder has none",
 }
 
 
 def needed(config: ExperimentConfig) -> list[str]:
-    """The stages of this config in pipeline order: `pretrain` only when it is wanted,
-    `evaluate` only with ground truth to score."""
-    wanted = {PRETRAIN: pretrain_wanted(config), EVALUATE: evaluation_wanted(config)}
+    """The stages of this config in pipeline order: `pretrain` and `refine` only when they are
+    wanted, `evaluate` only with ground truth to score."""
+    wanted = {
+        PRETRAIN: pretrain_wanted(config),
+        REFINE: refine_wanted(config),
+        EVALUATE: evaluation_wanted(config),
+    }
     return [name for name in NAMES if wanted.get(name, True)]
 
 
@@ -185,8 +216,19 @@ def _short(value: Any) -> str:
 
 
 def progress(run: RunDir, stage: str) -> str:
-    """How far an interrupted stage got: finished Parquet parts, or its latest checkpoint."""
+    """How far an interrupted stage got: finished Parquet parts, or its latest checkpoint
+    (`refine`: in its latest round)."""
     names = [f.split("/") for f in storage.list_tree(run.uri_of(stage))]
+    rounds = sorted(int(n[0][6:]) for n in names if re.fullmatch(r"round_\d+", n[0]))
+    if stage == REFINE and rounds:
+        last = [n[1:] for n in names if n[0] == f"round_{rounds[-1]}"]
+        if ["model.pt"] in last:
+            return f"rounds 0-{rounds[-1]} finished, the next one starts"
+        return f"in round {rounds[-1]}: {_progress_of(last)}"
+    return _progress_of(names)
+
+
+def _progress_of(names: list[list[str]]) -> str:
     parts = sum(1 for n in names if n[-1].startswith("part-") and n[-1].endswith(".parquet"))
     iterations = [
         int(found.group(1))

@@ -100,3 +100,16 @@ def move_tree(src_uri: str, dst_uri: str) -> None:
         filesystem.create_dir(f"{dst}/{relative}".rsplit("/", 1)[0], recursive=True)
         filesystem.copy_file(f"{src}/{relative}", f"{dst}/{relative}")
     filesystem.delete_dir(src)
+
+
+def copy_tree(src_uri: str, dst_uri: str, *, last: str | None = None) -> int:
+    """Copy every file under the folder `src_uri` to the same place under `dst_uri` (one
+    filesystem); the file named `last` (e.g. a manifest that marks the folder complete) is copied
+    after all others. Returns the number of files copied."""
+    filesystem, src = resolve(src_uri)
+    _, dst = resolve(dst_uri)
+    names = sorted(list_tree(src_uri), key=lambda name: (name == last, name))
+    for relative in names:
+        filesystem.create_dir(f"{dst}/{relative}".rsplit("/", 1)[0], recursive=True)
+        filesystem.copy_file(f"{src}/{relative}", f"{dst}/{relative}")
+    return len(names)

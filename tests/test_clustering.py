@@ -13,6 +13,7 @@ from maskdistill.clustering import (
     fit_kmeans,
     num_clusters_for,
     object_view,
+    object_view_native,
     object_views,
     silhouette,
     sweep_k,
@@ -149,8 +150,8 @@ def test_object_view_rejects_bad_mode_box_and_mask() -> None:
 
 
 @pytest.mark.parametrize("l2_normalize", [False, True])
-@pytest.mark.parametrize("whiten", [False, True])
-def test_kmeans_recovers_separated_blobs(whiten: bool, l2_normalize: bool) -> None:
+@pytest.mark.parametrize("whiten", ["none", "pca", "std"])
+def test_kmeans_recovers_separated_blobs(whiten: str, l2_normalize: bool) -> None:
     # Centres along different axes, so the blobs stay apart after L2 normalisation too.
     centres = 10.0 * np.eye(5, 8) + 1.0
     features, truth = _blobs(centres, per_blob=40, spread=0.3)
@@ -172,8 +173,8 @@ def test_kmeans_inertia_is_sum_of_squared_distances_to_own_centroid() -> None:
 
 def test_same_seed_gives_identical_result() -> None:
     features = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
-    first = fit_kmeans(features, 7, n_init=3, seed=11, whiten=True)
-    second = fit_kmeans(features, 7, n_init=3, seed=11, whiten=True)
+    first = fit_kmeans(features, 7, n_init=3, seed=11, whiten="pca")
+    second = fit_kmeans(features, 7, n_init=3, seed=11, whiten="pca")
     np.testing.assert_array_equal(first.labels, second.labels)
     np.testing.assert_array_equal(first.centroids, second.centroids)
     assert first.inertia == second.inertia
@@ -196,7 +197,7 @@ def test_whitening_gives_identity_covariance_on_support() -> None:
     rng = np.random.default_rng(2)
     mixing = rng.standard_normal((6, 6)) * np.array([10.0, 5.0, 2.0, 1.0, 0.5, 0.1])
     support = (rng.standard_normal((500, 6)) @ mixing + 3.0).astype(np.float32)
-    result = fit_kmeans(support, 4, whiten=True, l2_normalize=False)
+    result = fit_kmeans(support, 4, whiten="pca", l2_normalize=False)
     whitened = result.transform.apply(support)
     assert whitened.shape == (500, 6)
     np.testing.assert_allclose(whitened.mean(axis=0), 0.0, atol=1e-4)
@@ -206,7 +207,7 @@ def test_whitening_gives_identity_covariance_on_support() -> None:
 def test_whitening_drops_directions_without_variance() -> None:
     rng = np.random.default_rng(3)
     support = (rng.standard_normal((100, 3)) @ rng.standard_normal((3, 8))).astype(np.float32)
-    transform = FeatureTransform.fit(support, whiten=True, l2_normalize=False)
+    transform = FeatureTransform.fit(support, whiten="pca", l2_normalize=False)
     assert transform.matrix is not None and transform.matrix.shape == (8, 3)
     whitened = transform.apply(support)
     np.testing.assert_allclose(np.cov(whitened, rowvar=False), np.eye(3), atol=1e-4)
@@ -214,7 +215,7 @@ def test_whitening_drops_directions_without_variance() -> None:
 
 def test_l2_normalisation_gives_unit_rows_and_unit_centroids() -> None:
     features = (5.0 * np.random.default_rng(4).standard_normal((200, 10))).astype(np.float32)
-    result = fit_kmeans(features, 6, whiten=True, l2_normalize=True)
+    result = fit_kmeans(features, 6, whiten="pca", l2_normalize=True)
     np.testing.assert_allclose(
         np.linalg.norm(result.transform.apply(features), axis=1), 1.0, atol=1e-5
     )
@@ -231,8 +232,8 @@ def test_support_set_fits_the_model_and_labels_follow_assign() -> None:
     centres = np.array([[0.0, 0.0, 0.0], [6.0, 0.0, 0.0], [0.0, 6.0, 0.0], [0.0, 0.0, 6.0]])
     support, _ = _blobs(centres, per_blob=100, spread=1.0, seed=5)
     small = support[::40]  # 10 points, fewer than some settings of K below would allow
-    on_support = fit_kmeans(support, 4, seed=2, whiten=True)
-    result = fit_kmeans(small, 4, seed=2, whiten=True, support=support)
+    on_support = fit_kmeans(support, 4, seed=2, whiten="pca")
+    result = fit_kmeans(small, 4, seed=2, whiten="pca", support=support)
     assert result.labels.shape == (10,)
     np.testing.assert_array_equal(result.labels, assign(small, result))
     np.testing.assert_array_equal(result.centroids, on_support.centroids)
@@ -266,13 +267,13 @@ def test_kmeans_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="support has dimension 3, features have 4"):
         fit_kmeans(features, 2, support=np.zeros((6, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="no variance"):
-        fit_kmeans(np.ones((6, 4), dtype=np.float32), 2, whiten=True)
+        fit_kmeans(np.ones((6, 4), dtype=np.float32), 2, whiten="pca")
 
 
 def test_assign_rejects_wrong_dimension() -> None:
     features = np.random.default_rng(7).standard_normal((20, 4)).astype(np.float32)
     plain = fit_kmeans(features, 3)
-    whitened = fit_kmeans(features, 3, whiten=True)
+    whitened = fit_kmeans(features, 3, whiten="pca")
     with pytest.raises(ValueError, match="dimension 5"):
         assign(np.zeros((2, 5), dtype=np.float32), plain)
     with pytest.raises(ValueError, match="dimension 5, the transform expects 4"):
@@ -331,3 +332,42 @@ def test_choose_k_takes_the_smaller_k_on_a_tie_and_skips_nan() -> None:
     assert choose_k(scores) == 3
     with pytest.raises(ValueError, match="no K of the sweep"):
         choose_k([KScore(2, float("nan"), 1.0)])
+
+
+def test_std_whitening_golden_3x2() -> None:
+    # column 0: 1, 1, 4 -> mean 2, deviations -1, -1, 2, variance (1 + 1 + 4) / 3 = 2, std sqrt 2
+    # column 1: 0, 0, 6 -> mean 2, deviations -2, -2, 4, variance (4 + 4 + 16) / 3 = 8, std 2 sqrt 2
+    # divided (not centred): rows (1, 0), (1, 0), (4, 3) over sqrt 2; L2: (1, 0), (1, 0), (.8, .6)
+    support = np.array([[1.0, 0.0], [1.0, 0.0], [4.0, 6.0]], dtype=np.float32)
+    divided = FeatureTransform.fit(support, whiten="std", l2_normalize=False).apply(support)
+    np.testing.assert_allclose(divided, np.array([[1, 0], [1, 0], [4, 3]]) / np.sqrt(2), atol=1e-6)
+    unit = FeatureTransform.fit(support, whiten="std", l2_normalize=True).apply(support)
+    np.testing.assert_allclose(unit, [[1, 0], [1, 0], [0.8, 0.6]], atol=1e-6)
+    plain = FeatureTransform.fit(support, whiten="none", l2_normalize=True).apply(support)
+    assert not np.allclose(plain[2], [0.8, 0.6])  # (4, 6) / sqrt 52 without the division
+
+
+def test_std_whitening_leaves_a_constant_dimension_as_it_is() -> None:
+    # column 0: 1, 3 -> std 1; column 1: 5, 5 -> std 0, divided by 1 (scipy's vq.whiten)
+    support = np.array([[1.0, 5.0], [3.0, 5.0]], dtype=np.float32)
+    transform = FeatureTransform.fit(support, whiten="std", l2_normalize=False)
+    np.testing.assert_allclose(transform.apply(support), support)
+    with pytest.raises(ValueError, match="unknown whitening 'zca'; allowed: none, pca, std"):
+        FeatureTransform.fit(support, whiten="zca", l2_normalize=False)
+
+
+@pytest.mark.parametrize("mode", ["crop", "masked"])
+def test_native_view_keeps_the_resolution_and_pads_with_the_mean(mode: str) -> None:
+    image = _image(20, 30, seed=5)
+    mask = np.zeros((20, 30), dtype=bool)
+    mask[6:17, 4:19] = True
+    box = (3, 5, 20, 18)  # 17 x 13 (w x h)
+    view = object_view_native(image, mask, box, mode=mode, patch_size=8)
+    height, width = (13, 17) if mode == "crop" else (20, 30)
+    assert view.shape == (3, -(-height // 8) * 8, -(-width // 8) * 8)  # 16 x 24 or 24 x 32
+    pixels = image[5:18, 3:20] if mode == "crop" else image
+    expected = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - MEAN) / STD
+    if mode == "masked":
+        expected = torch.where(torch.from_numpy(mask), expected, 0.0)
+    torch.testing.assert_close(view[:, :height, :width], expected)
+    assert (view[:, height:] == 0).all() and (view[:, :, width:] == 0).all()

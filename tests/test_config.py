@@ -62,6 +62,8 @@ def test_wrong_type_names_key_and_value() -> None:
         ("serve.port=70000", r"serve.port = 70000: .*<= 65535"),
         ("data.kind=vocc", r"data.kind = 'vocc': .*allowed: 'synthetic', 'folder', 'voc', 'coco'"),
         ("segmenter.output_stride=4", r"segmenter.output_stride = 4: .*allowed: 8, 16"),
+        ("evaluation.mined_score=two", r"evaluation.mined_score = 'two': .*'attention', 'one'"),
+        ("detector.train_splits=[]", r"detector.train_splits = \[\]: .*at least 1 item"),
     ],
 )
 def test_out_of_range_names_allowed_values(override: str, expected: str) -> None:
@@ -114,6 +116,7 @@ def test_science_is_the_flat_values_without_resources() -> None:
     assert science["mining.cls_heads"] is None and science["mining.shard_size"] == 1000
     assert not [key for key in science if "resources" in key]
     assert set(science) == {
+        "mining.source",
         "mining.top_k",
         "mining.cls_heads",
         "mining.seed_component",

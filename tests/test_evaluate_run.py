@@ -113,3 +113,58 @@ def test_linear_probe_is_scored_in_the_single_pass_over_val(
         assert findings.confusion[row].sum() == 3 * 32 * 48
     assert findings.skips.reasons() == {"val_000001": "planted"}
     assert metrics[evaluate.PROBE]["mapping"] == list(range(classes))  # class ids: identity
+
+
+def test_mask_ap_on_a_split_of_its_own_with_mined_masks_scored_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A.4 (PASCAL: trainval): Table 1 on val, mask AP on `evaluation.mask_ap_split`. Each train
+    # image holds one object and its mined mask is exactly that object: class-agnostic AP 1.
+    config = RunDir(
+        str(
+            write_run(
+                tmp_path,
+                "data.synthetic.train_images=3",
+                "data.synthetic.val_images=2",
+                "data.synthetic.image_size=[32, 48]",
+                "data.synthetic.max_objects=1",
+                "evaluation.resources.num_gpus=0",
+                "evaluation.linear_probe=false",
+                "evaluation.num_overlays=0",
+                "evaluation.mask_ap_split=train",
+                "evaluation.mined_score=one",
+            )
+        )
+    ).read_config()
+    real = evaluate.dataset_of
+    train = real(config.data, "train")
+    mined = []
+    for image_id in train.image_ids():
+        sample = train.load(image_id)
+        assert sample.instance_masks is not None and len(sample.instance_masks) == 1
+        rle = encode_rle(sample.instance_masks[0])["counts"]
+        size = {"height": 32, "width": 48}
+        mined.append({"image_id": image_id, **size, "mask_rle": rle, "cluster": 0, "score": 0.25})
+    rows = {
+        "train": pa.Table.from_pylist(mined),
+        "val": pa.table({"image_id": pa.array([], pa.string())}),
+    }
+    no_candidates = pa.table({"image_id": pa.array([], pa.string())})
+    unreadable = train.image_ids()[1]
+
+    def one_unreadable(data: DataConfig, split: str) -> Dataset:
+        dataset = real(data, split)
+        return _CountingLoads(dataset, Counter(), unreadable if split == "train" else "")
+
+    monkeypatch.setattr(evaluate, "dataset_of", one_unreadable)
+    monkeypatch.setattr(evaluate.outputs, "read_labeled", lambda run, split: rows[split])
+    monkeypatch.setattr(evaluate.outputs, "read_pseudo", lambda run, split: no_candidates)
+
+    metrics, findings, _ = evaluate.evaluate_split(config)
+    readable = [i for i in train.image_ids() if i != unreadable]
+    assert [s.image_id for s in findings.truth] == readable  # train's, none of val's
+    assert [s.scores.tolist() for s in findings.mined] == [[1.0], [1.0]]  # not 0.25
+    assert metrics[evaluate.MASK_AP_SET] == {"split": "train", "images": 2}
+    assert metrics["mask AP"]["mined single class-agnostic"]["AP"] == pytest.approx(1.0)
+    assert metrics["mask AP"]["detector multi class-agnostic"]["AP"] == 0.0  # no candidates
+    assert findings.scored == 2 and findings.skips.reasons() == {unreadable: "planted"}

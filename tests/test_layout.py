@@ -9,7 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Shared Ray shells any driver may use; every other module of jobs/ is a stage's driver (or the
 # pipeline and demo, which run the drivers).
-SHARED = {"jobs.common", "jobs.training", "jobs.sharded"}
+SHARED = {"jobs.common", "jobs.training", "jobs.sharded", "jobs.segmenter_training"}
 RUNNERS = {"jobs.pipeline", "jobs.demo"}
 
 NO_RAY = """

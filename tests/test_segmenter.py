@@ -18,9 +18,9 @@ from maskdistill.data.base import IGNORE_INDEX
 from maskdistill.data.synthetic import SyntheticScenes
 from maskdistill.pseudolabels import encode_label_map
 from maskdistill.segmenter import (
-    FROZEN_STAGES,
     SegmentationSamples,
     build_segmenter,
+    frozen_modules,
     hard_pixel_loss,
     predict_segmentation,
     segmenter_losses,
@@ -30,6 +30,7 @@ from tests.moco import moco_release_state, save_moco
 
 SIZE = 64
 NUM_CLASSES = 4  # 3 classes + background
+PAPER_FROZEN = frozen_modules(2)  # Sec 4.1: stem (conv1, bn1) + layer1, the default
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +178,9 @@ def test_stem_and_layer1_are_frozen_the_rest_trains() -> None:
     body = model.backbone
     for name, param in model.named_parameters():
         assert param.requires_grad == (
-            not name.startswith(tuple(f"backbone.{s}." for s in FROZEN_STAGES))
+            not name.startswith(tuple(f"backbone.{s}." for s in PAPER_FROZEN))
         ), name
-    frozen_bns = [m for s in FROZEN_STAGES for m in getattr(body, s).modules()]
+    frozen_bns = [m for s in PAPER_FROZEN for m in getattr(body, s).modules()]
     assert sum(isinstance(m, FrozenBatchNorm2d) for m in frozen_bns) == 5  # bn1 + 2 blocks x 2
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in body.layer2.modules())
 
@@ -212,7 +213,7 @@ def test_moco_checkpoint_initialises_the_body(
         if k.startswith(MOCO_PREFIX) and ".fc." not in k
     }
     frozen_counters = {
-        k for k in expected if k.startswith(FROZEN_STAGES) and k.endswith("num_batches_tracked")
+        k for k in expected if k.startswith(PAPER_FROZEN) and k.endswith("num_batches_tracked")
     }
     assert loaded.keys() == expected.keys() - frozen_counters
     for key, value in loaded.items():
@@ -244,7 +245,7 @@ def test_sgd_steps_train_every_trainable_parameter_and_leave_frozen_ones(
     images, targets = (torch.stack(t) for t in zip(*(samples[i] for i in range(4)), strict=True))
     model = build_segmenter(num_classes=NUM_CLASSES, backbone="resnet18")
     frozen_before = {
-        k: v.clone() for k, v in model.backbone.state_dict().items() if k.startswith(FROZEN_STAGES)
+        k: v.clone() for k, v in model.backbone.state_dict().items() if k.startswith(PAPER_FROZEN)
     }
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     trainable_before = {n: p.detach().clone() for n, p in trainable.items()}
@@ -368,3 +369,70 @@ def test_label_map_of_another_size_names_the_image(
         ValueError, match=f"{rows[0]['image_id']}: image is 64x64 but its label map is 5x7"
     ):
         plain(bad, scenes).load(0)
+
+
+@pytest.mark.parametrize(
+    ("frozen_stages", "frozen"),
+    [
+        (0, ()),
+        (2, ("conv1", "bn1", "layer1")),  # Sec 4.1, the default
+        (3, ("conv1", "bn1", "layer1", "layer2")),  # the release
+        (5, ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")),
+    ],
+)
+def test_frozen_stages_freeze_exactly_the_named_modules(
+    frozen_stages: int, frozen: tuple[str, ...]
+) -> None:
+    model = build_segmenter(num_classes=3, backbone="resnet18", frozen_stages=frozen_stages)
+    assert frozen_modules(frozen_stages) == frozen
+    for name, param in model.named_parameters():
+        module = name.split(".")[1] if name.startswith("backbone.") else None
+        assert param.requires_grad == (module not in frozen), name
+    body = model.backbone
+    for module in ("bn1", "layer1", "layer2", "layer3", "layer4"):
+        norms = [m for m in getattr(body, module).modules() if "Norm" in type(m).__name__]
+        assert norms and all(isinstance(m, FrozenBatchNorm2d) == (module in frozen) for m in norms)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.classifier.modules())
+
+
+def test_frozen_stages_out_of_range_raises() -> None:
+    with pytest.raises(ValueError, match="frozen_stages=6: expected 0..5"):
+        build_segmenter(num_classes=3, backbone="resnet18", frozen_stages=6)
+
+
+def test_fixed_resize_gives_square_pairs_with_labels_resized_by_nearest() -> None:
+    # a 16 x 32 label map, every 16 x 16 block's pixels distinct, resized to 48 x 48 without
+    # scale, rotation or flip: output (i, j) is source (i * 16 // 48, j * 32 // 48)
+    label = (np.arange(16 * 32).reshape(16, 32) % 256).astype(np.uint8)
+    small = SyntheticScenes(num_images=1, image_size=(16, 32), num_classes=NUM_CLASSES - 1)
+    rows = [{"image_id": small.image_ids()[0], "label_png": encode_label_map(label)}]
+    samples = SegmentationSamples(
+        rows,
+        small,
+        crop_size=48,
+        scale_range=(1.0, 1.0),
+        rotation_degrees=0.0,
+        hflip=False,
+        augment="fixed_resize",
+    )
+    image, target = samples.load(0)
+    assert image.shape == (3, 48, 48) and target.shape == (48, 48)
+    rows_, cols = np.meshgrid(np.arange(48) * 16 // 48, np.arange(48) * 32 // 48, indexing="ij")
+    np.testing.assert_array_equal(target.numpy(), label[rows_, cols])
+
+
+def test_fixed_resize_zoom_keeps_the_frame(
+    rows: list[dict[str, Any]], scenes: SyntheticScenes
+) -> None:
+    semantic = scenes.load(scenes.image_ids()[0]).semantic
+    assert semantic is not None
+    zoom_in = plain(rows, scenes, scale_range=(2.0, 2.0), augment="fixed_resize")
+    _, target = zoom_in.load(0)
+    # x2 about the centre: output pixel i shows source 16 + i // 2, the middle half
+    middle = semantic[16:48, 16:48].repeat(2, axis=0).repeat(2, axis=1)
+    np.testing.assert_array_equal(target.numpy(), middle)
+    _, shrunk = plain(rows, scenes, scale_range=(0.5, 0.5), augment="fixed_resize").load(0)
+    assert shrunk.shape == (SIZE, SIZE)
+    assert int((shrunk != IGNORE_INDEX).sum()) == (SIZE // 2) ** 2  # the image, half size
+    with pytest.raises(ValueError, match="augment='crop'"):
+        plain(rows, scenes, augment="crop")

@@ -41,8 +41,8 @@ RESOURCES = (
 
 def test_stage_hashes_are_in_pipeline_order_and_pretrain_only_when_wanted() -> None:
     plain = stage_hashes(load_config())
-    assert list(plain) == [n for n in NAMES if n != "pretrain"]
-    own = stage_hashes(load_config(None, ["backbone.weights=pretrain"]))
+    assert list(plain) == [n for n in NAMES if n not in ("pretrain", "refine")]
+    own = stage_hashes(load_config(None, ["backbone.weights=pretrain", "self_training.rounds=1"]))
     assert list(own) == list(NAMES)
     assert len(set(own.values())) == len(own), "every stage its own hash"
     assert needed(load_config()) == list(plain)
@@ -72,12 +72,16 @@ def test_no_resource_setting_changes_any_hash() -> None:
         ("mining.top_k=0.3", "mine"),
         ("mining.shard_size=10", "mine"),
         ("clustering.feature=masked", "mine"),
+        ("detector.train_splits=[train, extra]", "mine"),  # another split to mine
+        ("evaluation.mask_ap_split=extra", "mine"),
+        ("clustering.support_split=extra", "mine"),
         ("clustering.n_init=3", "cluster"),
         ("detector.batch_size=8", "detector"),
         ("seed=1", "detector"),
         ("pseudo_labels.tau=0.5", "distill"),
         ("segmenter.epochs=2", "segmenter"),
         ("evaluation.crf=true", "evaluate"),
+        ("evaluation.mined_score=one", "evaluate"),
     ],
 )
 def test_a_science_change_reaches_its_stage_and_every_later_one_only(

@@ -63,15 +63,18 @@ def build_dataset(config: DataConfig, split: str) -> Dataset:
         folder = f"{root.rstrip('/')}/{split}" if split else root
         return ImageFolder(folder, prefix=split, **limits)
     if config.kind == "voc":
-        from maskdistill.data.voc import PascalVOC
+        from maskdistill.data.voc import open_voc
 
-        return PascalVOC(root, split=split, **limits)
-    from maskdistill.data.coco import COCOInstances
+        return open_voc(root, split=split, **limits)
+    from maskdistill.data.coco import COCOInstances, split_ids_file
 
-    return COCOInstances(  # the train split is the id list (COCO20k); any other split: all images
+    annotations = config.coco_annotations or ""  # DataConfig requires them for kind=coco
+    return COCOInstances(
         root,
-        annotations=config.coco_annotations or "",
-        image_ids_file=config.coco_image_ids if split == config.train_split else None,
+        annotations=annotations,
+        image_ids_file=split_ids_file(
+            split, annotations=annotations, image_ids_file=config.coco_image_ids
+        ),
         max_pixels=config.max_pixels,
         min_side=config.min_side,
     )

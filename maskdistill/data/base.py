@@ -27,6 +27,8 @@ class Sample:
     image: uint8 [H, W, 3] RGB.
     semantic: uint8 [H, W]; 0 background, 1..C classes, IGNORE_INDEX not scored; None if unlabelled.
     instance_masks: bool [M, H, W]; instance_classes: int64 [M] in 1..C; None without instances.
+    crowd_masks: bool [K, H, W]; crowd_classes: int64 [K]: COCO's iscrowd regions, never objects;
+    mask AP ignores detections on them (A.4, COCO protocol); None where a data set has none.
     """
 
     image_id: str
@@ -34,6 +36,8 @@ class Sample:
     semantic: np.ndarray | None = None
     instance_masks: np.ndarray | None = None
     instance_classes: np.ndarray | None = None
+    crowd_masks: np.ndarray | None = None
+    crowd_classes: np.ndarray | None = None
 
     @property
     def height(self) -> int:

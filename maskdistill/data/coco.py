@@ -95,8 +95,23 @@ def paint_semantic(masks: np.ndarray, classes: np.ndarray, crowd: np.ndarray) ->
     return semantic
 
 
+def split_ids_file(split: str, *, annotations: str, image_ids_file: str | None) -> str | None:
+    """The id list that cuts `split` from the annotations: None (every image) for the split
+    named like their image folder (`train2014` for instances_train2014.json), else
+    `image_ids_file` (Sec 4.1: COCO20k trains and tests on a list, K-means sees all images)."""
+    if split == image_dir_name(Path(annotations)):
+        return None
+    if image_ids_file is None:
+        raise ValueError(
+            f"split {split!r} needs data.coco_image_ids (with data.kind=coco, split "
+            f"{image_dir_name(Path(annotations))!r} is every image of {Path(annotations).name} "
+            "and any other split name is the image id list, e.g. COCO20k)"
+        )
+    return image_ids_file
+
+
 class COCOInstances:
-    """COCO images with instance masks (non-crowd) and a semantic map; classes 1..80."""
+    """COCO images with instance masks (non-crowd), crowd regions and a semantic map; 1..80."""
 
     def __init__(
         self,
@@ -141,8 +156,10 @@ class COCOInstances:
         shape = (int(info["height"]), int(info["width"]))
         masks = self._masks(objects, shape)
         classes = np.array([self._class_of[a["category_id"]] for a in objects], dtype=np.int64)
-        crowd = self._masks(crowds, shape).sum(axis=0) > 0
-        return Sample(image_id, image, paint_semantic(masks, classes, crowd), masks, classes)
+        crowd_masks = self._masks(crowds, shape)
+        crowd_classes = np.array([self._class_of[a["category_id"]] for a in crowds], np.int64)
+        semantic = paint_semantic(masks, classes, crowd_masks.sum(axis=0) > 0)
+        return Sample(image_id, image, semantic, masks, classes, crowd_masks, crowd_classes)
 
     def relative_path(self, image_id: str) -> str:
         """The image folder and the annotations' `file_name`, relative to root (`..` steps when

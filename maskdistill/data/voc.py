@@ -1,4 +1,5 @@
-"""PASCAL VOC 2012 segmentation: train, val, trainval and the SBD-augmented train_aug."""
+"""PASCAL VOC 2012 segmentation: train, val, trainval and the SBD-augmented train_aug; VOC 2007
+(`voc07_trainval`, `voc07_test`) beside it for the detector's VOC07+12 training set (A.4)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ VOC_CLASSES: tuple[str, ...] = (
     "train", "tvmonitor",
 )  # fmt: skip
 SPLITS: tuple[str, ...] = ("train", "val", "trainval", "train_aug")
+VOC07_SPLITS: dict[str, str] = {"voc07_trainval": "trainval", "voc07_test": "test"}  # Main lists
 SBD_DIRS: tuple[Path, ...] = (Path("benchmark_RELEASE", "dataset"), Path("SBD", "dataset"))
 
 
@@ -108,6 +110,17 @@ def instances_from_objects(
     return masks, np.array(classes, dtype=np.int64)
 
 
+def add_instances(sample: Sample, object_path: Path) -> None:
+    """The instances of `object_path` (VOC's SegmentationObject PNG) into `sample`, when the
+    file exists; the sample's class map gives each instance its class."""
+    if not object_path.is_file() or sample.semantic is None:
+        return
+    objects = read_index_png(object_path)
+    check_shape(objects, sample.image, object_path)
+    masks, classes = instances_from_objects(objects, sample.semantic, object_path)
+    sample.instance_masks, sample.instance_classes = masks, classes
+
+
 class PascalVOC:
     """VOC 2012 semantic labels (0 background, 1..20, 255 boundary) and instances where given."""
 
@@ -120,7 +133,8 @@ class PascalVOC:
         min_side: int = DEFAULT_MIN_SIDE,
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"unknown VOC split {split!r}; choose one of {', '.join(SPLITS)}")
+            known = ", ".join([*SPLITS, *VOC07_SPLITS])
+            raise ValueError(f"unknown VOC split {split!r}; choose one of {known}")
         self.data_root = Path(root)
         self.root = find_voc2012(self.data_root)
         self.split = split
@@ -150,12 +164,8 @@ class PascalVOC:
         semantic, label_path = self._semantic(image_id)
         check_shape(semantic, image, label_path)
         sample = Sample(image_id, image, semantic)
-        object_path = self.root / "SegmentationObject" / f"{image_id}.png"
-        if self.split != "train_aug" and object_path.is_file():
-            objects = read_index_png(object_path)
-            check_shape(objects, image, object_path)
-            masks, classes = instances_from_objects(objects, semantic, object_path)
-            sample.instance_masks, sample.instance_classes = masks, classes
+        if self.split != "train_aug":
+            add_instances(sample, self.root / "SegmentationObject" / f"{image_id}.png")
         return sample
 
     def relative_path(self, image_id: str) -> str:
@@ -212,3 +222,94 @@ class PascalVOC:
         raise FileNotFoundError(
             f"no label for {image_id}: looked for {', '.join(map(str, candidates))}"
         )
+
+
+def find_voc2007(root: Path) -> Path:
+    """The VOC2007 folder beside VOC2012: `root/VOCdevkit/VOC2007` or `root/VOC2007`."""
+    candidates = (root / "VOCdevkit" / "VOC2007", root / "VOC2007")
+    for candidate in candidates:
+        if (candidate / "JPEGImages").is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"no VOC2007 folder with JPEGImages/ at {' or '.join(map(str, candidates))} (data.root "
+        "must hold VOCdevkit/ with VOC2007 beside VOC2012 for the voc07_* splits)"
+    )
+
+
+class PascalVOC2007:
+    """VOC 2007 images of an `ImageSets/Main` list (A.4: VOC07+12 trains the detector), with
+    VOC's labels where its segmentation set has them (632 images) and unlabelled otherwise.
+
+    Its ids (`000005`) never equal VOC2012's (`2008_000002`; the VOC2007 photos VOC2012 reuses
+    are renamed `2007_000032`), so both years' rows can share one training set by id.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        split: str = "voc07_trainval",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_side: int = DEFAULT_MIN_SIDE,
+    ) -> None:
+        if split not in VOC07_SPLITS:
+            raise ValueError(
+                f"unknown VOC2007 split {split!r}; choose one of {', '.join(VOC07_SPLITS)}"
+            )
+        self.data_root = Path(root)
+        self.root = find_voc2007(self.data_root)
+        self.split = split
+        self.max_pixels = max_pixels
+        self.min_side = min_side
+        lists = self.root / "ImageSets" / "Main"
+        path = lists / f"{VOC07_SPLITS[split]}.txt"
+        if not path.is_file():
+            on_disk = [
+                name for name, stem in VOC07_SPLITS.items() if (lists / f"{stem}.txt").is_file()
+            ]
+            raise FileNotFoundError(
+                f"VOC2007 list {path} not found; splits available: {', '.join(on_disk) or 'none'}"
+            )
+        self._ids = read_id_list(path)
+        self._id_set = set(self._ids)
+
+    @property
+    def class_names(self) -> Sequence[str]:
+        return VOC_CLASSES
+
+    def image_ids(self) -> list[str]:
+        return list(self._ids)
+
+    def load(self, image_id: str) -> Sample:
+        """The image; its class map and instances only where VOC2007 segmented it."""
+        image = read_image_file(
+            str(self._image_path(image_id)),
+            image_id,
+            max_pixels=self.max_pixels,
+            min_side=self.min_side,
+        )
+        sample = Sample(image_id, image)
+        class_path = self.root / "SegmentationClass" / f"{image_id}.png"
+        if not class_path.is_file():
+            return sample
+        sample.semantic = checked_classes(read_index_png(class_path), class_path, len(VOC_CLASSES))
+        check_shape(sample.semantic, image, class_path)
+        add_instances(sample, self.root / "SegmentationObject" / f"{image_id}.png")
+        return sample
+
+    def relative_path(self, image_id: str) -> str:
+        """`VOCdevkit/VOC2007/JPEGImages/<id>.jpg` (or `VOC2007/...`) under the root as given."""
+        return self._image_path(image_id).relative_to(self.data_root).as_posix()
+
+    def _image_path(self, image_id: str) -> Path:
+        if image_id not in self._id_set:
+            raise KeyError(f"{image_id!r} is not in VOC2007 split {self.split!r}")
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+
+def open_voc(
+    root: str, *, split: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE
+) -> PascalVOC | PascalVOC2007:
+    """The VOC split `split`: VOC2007's for the `voc07_*` names, else VOC2012's."""
+    kind = PascalVOC2007 if split in VOC07_SPLITS else PascalVOC
+    return kind(root, split=split, max_pixels=max_pixels, min_side=min_side)

@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from maskdistill.config import DataConfig
+from maskdistill.data import build_dataset
 from maskdistill.data.coco import COCOInstances
 
 H, W = 24, 32
@@ -184,3 +186,39 @@ def test_relative_path_is_the_image_folder_and_file_name_under_root(coco_root: P
     assert moved.relative_path(stem(25)) == f"images/{stem(25)}.jpg"
     with pytest.raises(KeyError, match="nope"):
         moved.relative_path("nope")
+
+
+def test_crowd_regions_come_with_their_classes(coco_root: Path) -> None:
+    sample = open_coco(coco_root).load(stem(9))
+    assert sample.crowd_masks is not None and sample.crowd_classes is not None
+    assert sample.crowd_masks.shape == (1, H, W) and sample.crowd_classes.tolist() == [CAR]
+    np.testing.assert_array_equal(sample.crowd_masks[0], CROWD_MASK.astype(bool))
+    plain = open_coco(coco_root).load(stem(25))
+    assert plain.crowd_masks is not None and plain.crowd_masks.shape == (0, H, W)
+
+
+def _data(root: Path, **overrides: Any) -> DataConfig:
+    return DataConfig(
+        kind="coco",
+        root=str(root),
+        coco_annotations="annotations/instances_train2014.json",
+        **overrides,
+    )
+
+
+def test_split_named_like_the_image_folder_is_every_image_other_names_the_list(
+    coco_root: Path,
+) -> None:
+    # Sec 4.1: K-means on all train2014 images, training and testing on the COCO20k list.
+    (coco_root / "coco20k.txt").write_text("25\n")
+    config = _data(coco_root, coco_image_ids=str(coco_root / "coco20k.txt"))
+    assert build_dataset(config, "train2014").image_ids() == [stem(9), stem(25), stem(30)]
+    assert build_dataset(config, "coco20k").image_ids() == [stem(25)]
+    assert build_dataset(config, "any_name").image_ids() == [stem(25)]
+
+
+def test_a_split_other_than_the_image_folder_needs_the_id_list(coco_root: Path) -> None:
+    with pytest.raises(ValueError, match="split 'coco20k' needs data.coco_image_ids") as err:
+        build_dataset(_data(coco_root), "coco20k")
+    assert "'train2014' is every image of instances_train2014.json" in str(err.value)
+    assert len(build_dataset(_data(coco_root), "train2014").image_ids()) == 3

@@ -1,4 +1,5 @@
-"""PascalVOC on a tiny VOC2012 tree: splits, labels, instances, train_aug, errors."""
+"""PascalVOC on a tiny VOC2012 tree: splits, labels, instances, train_aug, errors; VOC2007
+beside it (voc07_trainval) and both years read as one training set."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from maskdistill.config import DataConfig
+from maskdistill.data import build_dataset
 from maskdistill.data.base import SkipLog, UnreadableImage, iter_samples
-from maskdistill.data.voc import PascalVOC
+from maskdistill.data.union import SplitUnion
+from maskdistill.data.voc import VOC_CLASSES, PascalVOC, PascalVOC2007
 
 H, W = 24, 32
 AEROPLANE, DOG, PERSON = 1, 12, 15
@@ -248,3 +252,121 @@ def test_relative_path_is_the_jpeg_under_the_root_as_given(voc: Path, above: int
     assert (root / name).is_file()
     with pytest.raises(KeyError, match=VOC_TRAIN[0]):
         dataset.relative_path(VOC_TRAIN[0])  # not in val
+
+
+# A whole VOC tree for the PASCAL protocol (A.4): VOC2012 with SegmentationClassAug and every
+# list, VOC2007 beside it; tests/jobs/test_pascal_protocol.py runs the pipeline on it.
+TREE_TRAIN = ["2007_000032", "2008_000002", "2008_000003"]
+TREE_VAL = ["2008_000004", "2009_000005"]
+TREE_AUG_ONLY = ["2010_000006", "2011_000007"]  # SBD images: in train_aug only
+TREE_VOC07 = ["000005", "000007", "000009"]
+TREE_CLASSES = (AEROPLANE, DOG, PERSON)
+
+
+def scene(index: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image, class map and object map of one bright object (class by index) on dark noise."""
+    h, w = size
+    image = np.random.default_rng(index).integers(0, 60, (h, w, 3), dtype=np.uint8)
+    top, left = (5 * index) % (h // 2), (7 * index) % (w // 2)
+    box = (slice(top, top + h // 2), slice(left, left + w // 2))
+    cls = TREE_CLASSES[index % len(TREE_CLASSES)]
+    image[box] = (200 + 5 * (index % 3), 40 * (index % 3), 180)
+    semantic, objects = np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint8)
+    semantic[box], objects[box] = cls, 1
+    return image, semantic, objects
+
+
+def write_voc_tree(root: Path, size: tuple[int, int] = (H, W)) -> dict[str, list[str]]:
+    """root/VOCdevkit/{VOC2012,VOC2007}; returns each split's ids."""
+    voc12, voc07 = root / "VOCdevkit" / "VOC2012", root / "VOCdevkit" / "VOC2007"
+    for index, image_id in enumerate(TREE_TRAIN + TREE_VAL + TREE_AUG_ONLY + TREE_VOC07):
+        image, semantic, objects = scene(index, size)
+        folder = voc07 if image_id in TREE_VOC07 else voc12
+        (folder / "JPEGImages").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        if image_id in TREE_TRAIN + TREE_VAL:
+            write_png(voc12 / "SegmentationClass" / f"{image_id}.png", semantic)
+            write_png(voc12 / "SegmentationObject" / f"{image_id}.png", objects)
+        if image_id in TREE_TRAIN + TREE_AUG_ONLY:
+            write_png(voc12 / "SegmentationClassAug" / f"{image_id}.png", semantic, mode="L")
+    splits = {
+        "train": TREE_TRAIN,
+        "val": TREE_VAL,
+        "trainval": TREE_TRAIN + TREE_VAL,
+        "train_aug": sorted(TREE_TRAIN + TREE_AUG_ONLY),
+    }
+    for name, ids in splits.items():
+        write_list(voc12 / "ImageSets" / "Segmentation" / f"{name}.txt", ids)
+    write_list(voc07 / "ImageSets" / "Main" / "trainval.txt", TREE_VOC07)
+    return splits | {"voc07_trainval": TREE_VOC07}
+
+
+def voc_data(root: Path) -> DataConfig:
+    return DataConfig(kind="voc", root=str(root), train_split="train_aug")
+
+
+def test_voc07_trainval_reads_voc2007_beside_voc2012(tmp_path: Path) -> None:
+    write_voc_tree(tmp_path)
+    dataset = build_dataset(voc_data(tmp_path), "voc07_trainval")
+    assert isinstance(dataset, PascalVOC2007) and dataset.class_names == VOC_CLASSES
+    assert dataset.image_ids() == TREE_VOC07
+    sample = dataset.load("000007")
+    expected = np.asarray(Image.open(tmp_path / "VOCdevkit/VOC2007/JPEGImages/000007.jpg"))
+    np.testing.assert_array_equal(sample.image, expected)
+    assert sample.semantic is None and sample.instance_masks is None  # not in its seg. set
+    assert dataset.relative_path("000007") == "VOCdevkit/VOC2007/JPEGImages/000007.jpg"
+    with pytest.raises(KeyError, match="2008_000002"):
+        dataset.load("2008_000002")  # a VOC2012 id
+
+
+def test_voc07_segmented_image_has_class_map_and_instances(tmp_path: Path) -> None:
+    write_voc_tree(tmp_path)
+    voc07 = tmp_path / "VOCdevkit" / "VOC2007"
+    image, semantic, objects = scene(10, (H, W))  # TREE_CLASSES[10 % 3]: a dog
+    Image.fromarray(image).save(voc07 / "JPEGImages" / "000009.jpg", quality=95)
+    write_png(voc07 / "SegmentationClass" / "000009.png", semantic)
+    write_png(voc07 / "SegmentationObject" / "000009.png", objects)
+    sample = build_dataset(voc_data(tmp_path), "voc07_trainval").load("000009")
+    assert sample.semantic is not None and sample.instance_classes is not None
+    np.testing.assert_array_equal(sample.semantic, semantic)
+    assert sample.instance_classes.tolist() == [DOG]
+    np.testing.assert_array_equal(sample.instance_masks, (objects == 1)[None])
+
+
+def test_voc07_and_voc2012_ids_never_collide_in_one_training_set(tmp_path: Path) -> None:
+    splits = write_voc_tree(tmp_path)
+    voc12 = build_dataset(voc_data(tmp_path), "train_aug")
+    voc07 = build_dataset(voc_data(tmp_path), "voc07_trainval")
+    assert not set(voc12.image_ids()) & set(voc07.image_ids())
+    both = SplitUnion({"train_aug": voc12, "voc07_trainval": voc07})
+    assert both.image_ids() == splits["train_aug"] + TREE_VOC07
+    assert [both.split_of(i) for i in ("2007_000032", "000005")] == ["train_aug", "voc07_trainval"]
+    np.testing.assert_array_equal(both.load("000005").image, voc07.load("000005").image)
+    assert both.relative_path("2007_000032") == "VOCdevkit/VOC2012/JPEGImages/2007_000032.jpg"
+
+
+def test_split_union_keeps_a_shared_image_once_and_refuses_ambiguous_ids(tmp_path: Path) -> None:
+    write_voc_tree(tmp_path)
+    data = voc_data(tmp_path)
+    shared = SplitUnion({s: build_dataset(data, s) for s in ("train_aug", "trainval")})
+    assert shared.image_ids() == sorted(TREE_TRAIN + TREE_AUG_ONLY) + TREE_VAL  # train once
+    voc07 = tmp_path / "VOCdevkit" / "VOC2007"
+    write_jpeg(voc07 / "JPEGImages" / "2008_000002.jpg", 3)  # a VOC2007 file with a VOC12 id
+    write_list(voc07 / "ImageSets" / "Main" / "trainval.txt", [*TREE_VOC07, "2008_000002"])
+    with pytest.raises(ValueError, match="2008_000002") as err:
+        SplitUnion({s: build_dataset(data, s) for s in ("train_aug", "voc07_trainval")})
+    message = str(err.value)
+    assert "VOC2012/JPEGImages/2008_000002.jpg" in message
+    assert "VOC2007/JPEGImages/2008_000002.jpg" in message
+
+
+def test_voc07_missing_folder_or_list_says_what_was_searched(tmp_path: Path) -> None:
+    write_voc_tree(tmp_path)
+    with pytest.raises(FileNotFoundError, match="splits available: voc07_trainval"):
+        build_dataset(voc_data(tmp_path), "voc07_test")  # no ImageSets/Main/test.txt
+    voc12_only = tmp_path / "VOCdevkit" / "VOC2012"
+    with pytest.raises(FileNotFoundError) as err:
+        build_dataset(voc_data(voc12_only), "voc07_trainval")  # root = the VOC2012 folder
+    assert str(voc12_only / "VOCdevkit" / "VOC2007") in str(err.value)
+    with pytest.raises(ValueError, match="voc07_trainval, voc07_test"):
+        build_dataset(voc_data(tmp_path), "test")  # the unknown-split message names both years

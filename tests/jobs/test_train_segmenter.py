@@ -4,9 +4,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from jobs import cluster, distill, evaluate, mine, train_detector, train_segmenter
+from jobs import (
+    cluster,
+    distill,
+    evaluate,
+    mine,
+    segmenter_training,
+    train_detector,
+    train_segmenter,
+)
 from maskdistill import evaluate as tables
 from maskdistill.config import ExperimentConfig
 from maskdistill.engine import lr_factor, scaled_lr
@@ -69,7 +78,7 @@ def test_segmenter_resumes_after_a_failure_with_the_same_lr(
     )
     assert [r["iteration"] for r in steps] == list(range(9))
     assert resumed == [6]
-    _, _, schedule = train_segmenter.iteration_schedule(distilled, 12)
+    _, _, schedule = segmenter_training.iteration_schedule(distilled, 12)
     assert schedule.milestones == [6]
     expected = [scaled_lr(schedule, 4) * lr_factor(schedule, i) for i in range(9)]
     assert [r["lr"] for r in steps] == pytest.approx(expected)
@@ -134,3 +143,29 @@ def test_merged_and_background_clusters_retrain_only_the_segmenter(
     segmenter = Segmenter.load(str(copy), config=config)
     assert segmenter.class_names[:2] == ["background", "dog"]
     assert segmenter.num_classes == clusters - 1
+
+
+def test_best_on_val_keeps_the_best_epoch_and_evaluation_marks_it(
+    distilled: ExperimentConfig, tmp_path: Path
+) -> None:
+    copy = tmp_path / "selected"
+    shutil.copytree(distilled.run_dir, copy, ignore=shutil.ignore_patterns("segmenter", "evaluate"))
+    config = tiny_config(
+        copy, *DETECTOR, *SEGMENTER, *EVALUATION, "segmenter.select=best_on_val",
+        "evaluation.linear_probe=false", "evaluation.crf=false",
+    )  # fmt: skip
+    assert train_segmenter.run_stage(config) is not None
+    run = RunDir(str(copy))
+    record = run.read_json("segmenter", "selection.json")
+    # 3 iterations an epoch, a checkpoint each: iterations 3, 6 and 9 scored on val
+    assert sorted(int(it) for it in record["scores"]) == [3, 6, 9]
+    best = max(record["scores"].items(), key=lambda item: (item[1], -int(item[0])))
+    assert record["iteration"] == int(best[0])
+    weights = read_weights(run, "segmenter")
+    assert weights["selection"]["iteration"] == record["iteration"]
+    kept = torch.load(run.uri_of("segmenter", "best.pt"), map_location="cpu")
+    assert all(torch.equal(kept[k], weights["model"][k]) for k in kept)
+    evaluate.run_stage(config)
+    metrics = json.loads(run.read_bytes("evaluate", "metrics.json"))
+    assert metrics[tables.SELECTION]["iteration"] == record["iteration"]
+    assert "selected on the evaluation set" in run.read_bytes("evaluate", "table1.md").decode()
