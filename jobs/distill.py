@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from jobs.common import execute_stage, stage_main
-from jobs.sharded import ShardedMap, objects, run_sharded
+from jobs.sharded import ShardedMap, run_sharded, with_results
 from maskdistill.config import ExperimentConfig
 from maskdistill.detector import predict
 from maskdistill.gallery import write_distill_gallery
@@ -79,12 +79,7 @@ class Distiller:
                 "candidate_score": found.scores.tolist(),
                 "candidate_class": found.classes.tolist(),
             }
-        return {
-            "image_id": batch["image_id"],
-            "shard": batch["shard"],
-            "reason": batch["reason"],
-            "result": objects(results),
-        }
+        return with_results(batch, results)
 
 
 def _pseudo_row(image_id: str, out: dict[str, Any]) -> dict[str, object]:

@@ -28,7 +28,7 @@ import torch
 
 from jobs.common import stage_main
 from jobs.segmenter_training import train_on
-from jobs.sharded import ShardedMap, objects, run_sharded
+from jobs.sharded import ShardedMap, objects, run_sharded, with_results
 from jobs.training import stage_runner
 from maskdistill.config import CRFConfig, ExperimentConfig
 from maskdistill.engine import MetricsLog
@@ -89,12 +89,7 @@ def crf_task(batch: dict[str, np.ndarray], settings: CRFConfig) -> dict[str, Any
                 "changed": changed,
             }
         )
-    return {
-        "image_id": batch["image_id"],
-        "shard": batch["shard"],
-        "reason": batch["reason"],
-        "result": objects(results),
-    }
+    return with_results(batch, results)
 
 
 def _refined_row(image_id: str, out: dict[str, Any]) -> dict[str, object]:

@@ -42,6 +42,13 @@ def objects(values: list[Any]) -> np.ndarray:
     return column
 
 
+def with_results(batch: dict[str, np.ndarray], results: list[Any]) -> dict[str, Any]:
+    """A map's output batch: the ids, shards and skip reasons it was given, and one result per
+    row (None for a skipped one), which `ShardedMap.to_row` turns into the part's rows."""
+    keys = ("image_id", "shard", "reason")
+    return {**{key: batch[key] for key in keys}, "result": objects(results)}
+
+
 def decode(batch: dict[str, np.ndarray], data: DataConfig, split: str) -> dict[str, Any]:
     """CPU task: image ids -> RGB images; an unreadable one gets an empty image and a reason."""
     dataset = dataset_of(data, split)
