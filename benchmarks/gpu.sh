@@ -1,28 +1,40 @@
 #!/usr/bin/env bash
-# Every GPU figure of the closing notes in one run (one H100, about 9 minutes, no Ray needed):
+# Every GPU row of issue 15 in one run (one H100-class GPU, 16 cores, about 15 minutes, Ray
+# installed for the `stage` rows), on VOC-size JPEGs made once under OUT_DIR/cache:
 #     bash benchmarks/gpu.sh OUT_DIR
-# Each benchmark's docstring holds its anchor. Python packages the machine lacks (pydantic,
-# pycocotools, faiss) must be importable first.
+#     python benchmarks/pipeline_time.py --rates OUT_DIR/rates.json     # the projected recipe
+# Each benchmark's docstring holds its rows and anchor; OUT_DIR/<name>.txt its output,
+# OUT_DIR/rates.json every row and the per-stage rates (benchmarks/gpu_rates.py).
+# PYTHON picks the interpreter (default python3); the packages of `pip install -e .[cluster]`
+# must be importable.
 set -u
 out=${1:-/tmp/maskdistill-gpu}
+py=${PYTHON:-python3}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}" MASKDISTILL_CACHE="$out/cache"
 nvidia-smi -L | tee "$out/gpu.txt"
 bench() {
     local name=$1 limit=$2
     shift 2
     echo "== $name: $*"
-    timeout "$limit" python3 "$@" >"$out/$name.txt" 2>&1
-    tail -8 "$out/$name.txt"
+    timeout "$limit" "$py" "$@" >"$out/$name.txt" 2>&1
+    tail -6 "$out/$name.txt"
 }
+count=512  # JPEGs: 256 of each VOC shape
+"$py" benchmarks/jpeg_folder.py --count $count
 seg="benchmarks/train_segmenter.py --device cuda --backbone resnet50 --size 512 --batch 16"
-det="benchmarks/train_detector.py --device cuda --size 800 --batch 8 --iters 40"
-bench segmenter_fp32 120 $seg --iters 40 --threads 12
-bench segmenter_bf16 120 $seg --iters 40 --threads 12 --bf16
-bench detector_fp32 120 $det
-bench detector_bf16 120 $det --bf16
-bench mine_bf16 150 benchmarks/mine.py --device cuda --bf16 --images 1024 --batch-size 64 \
-    --size 480 640 --short-side 640 --decode-threads 16
+seg="$seg --iters 40 --workers 8 --count $count --stage"
+det="benchmarks/train_detector.py --device cuda --size 800 --batch 8 --iters 40 --workers 8"
+det="$det --count $count --stage"
+bench segmenter_fp32 240 $seg
+bench segmenter_bf16 240 $seg --bf16
+bench detector_fp32 240 $det
+bench detector_bf16 240 $det --bf16
+bench mine_bf16 240 benchmarks/mine.py --device cuda --bf16 --count 1024 --batch-size 64 \
+    --arch vit_small_patch16_224 --short-side 640 --decode-threads 16 --ray
+# the loaders alone on this machine's cores (no GPU): what each stage's data can deliver
+bench loaders 240 benchmarks/loaders.py --workers 0 1 2 4 8 --count $count --batch 16
+"$py" benchmarks/gpu_rates.py "$out" >/dev/null && echo "rates: $out/rates.json"
 # DINO on the GPU (issue 7): s/iteration of ViT-S/8 at batch 256 and where the seed lands
 bench pretrain_vits8 300 benchmarks/pretrain_curve.py --device cuda --threads 4 --iters 256 \
     --every 128 --set data.synthetic.train_images=8192 --set data.synthetic.val_images=256 \

@@ -19,6 +19,9 @@ and prints:
   seed on obj   share of images whose seed patch (argmax CLS attention) lies mostly on an object
   seconds       wall time since the start
 
+Synthetic scenes, not the JPEG folder of the other benchmarks: the mined IoU needs their ground
+truth. The pretrain stage's loader on VOC-size JPEGs is measured by benchmarks/loaders.py.
+
 Row 0 is the untrained network (timm's initialisation under `seed`). --save writes the last
 teacher backbone (DINO's release format, as the stage exports it), --picture the last teacher's
 CLS attention on the first `pretrain.attention_images` val images (`attention_picture`).

@@ -1,35 +1,43 @@
-"""Mask R-CNN training throughput (A.1): images/s of a plain loop and of the Ray Train stage.
+"""Mask R-CNN training throughput (A.1): images/s of the training step, its data, the stage.
 
     python benchmarks/train_detector.py                                  # CPU, small, minutes
-    python benchmarks/train_detector.py --device cuda --size 800 --batch 8 --iters 40 --ray
-    python benchmarks/train_detector.py --device cuda --size 800 --batch 8 --iters 40 --bf16 --ray
+    python benchmarks/train_detector.py --device cuda --size 800 --batch 8 --iters 40 \
+        --workers 8 --count 512 [--bf16] [--stage] [--images DIR]
 
 Anchor on one H100 at 800 px, batch 8: torchvision R50-FPN measured 38 img/s fp32 and 46 img/s
-bf16 in a plain loop; the Ray Train path (`--ray`, one worker) should lose at most 10% to it.
-Rows: `step` is the training step on one batch already on the device; `plain` renders and
-collates each batch in the loop (no loader threads); `ray-train` is the stage itself.
-Both use synthetic scenes with one ground-truth object per image as the target, like the
-mined masks; the first quarter of the iterations is warm-up and not timed.
+bf16 in a plain loop on 800x800 synthetic images. Data here: VOC-size JPEGs (`jpeg_folder.py`,
+500x375 and 375x500, decoded by `ImageFolder` as in users' runs), each with one object (its
+first ground-truth instance, as the cluster stage's rows), or a user's folder with one blob
+per image (`--images DIR`); the model resizes them to short side `--size` (800 -> 800x1067,
+a third more pixels than the anchor's). Rows, in one run:
+  step   forward + losses + backward + SGD step on one batch already on the device
+  +data  the same fed by the stage's batch function (`SampleBatches` of `MaskTargets`: decode,
+         RLE decode, flip, collate) through the stage's `BatchLoader` with `--workers`
+         processes, pinned memory on a GPU
+  stage  (`--stage`) jobs/train_detector.py itself (Ray Train, one worker), images/s from its
+         log.jsonl
+The first quarter of the iterations is warm-up and not timed. Targets (issue 15): `stage` and
+`+data` >= 0.9x `step`, `step` at or above the anchor.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
-import pyarrow as pa
+import jpeg_folder  # sibling scripts: run this file as a script, as documented
+import stage_data
 import torch
 
-from maskdistill.config import ExperimentConfig, load_config
-from maskdistill.data.synthetic import SyntheticScenes
-from maskdistill.detector import MaskTargets, build_detector, collate, detector_losses
+from maskdistill.config import load_config
+from maskdistill.detector import build_detector, detector_losses
 from maskdistill.engine import trainable
-from maskdistill.masks import encode_rle, mask_to_box
-from maskdistill.outputs import labeled_path, write_table
-from maskdistill.rundir import RunDir, StageManifest, write_manifest
+
+Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
 
 def parse() -> argparse.Namespace:
@@ -37,44 +45,22 @@ def parse() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--arch", default="maskrcnn_resnet50_fpn")
-    parser.add_argument("--size", type=int, default=256, help="image side; also the short side")
+    parser.add_argument("--size", type=int, default=256, help="short side the model resizes to")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=8)
-    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="loader processes for +data")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--ray", action="store_true", help="also time the Ray Train stage")
+    parser.add_argument("--stage", action="store_true", help="also time the stage (Ray Train)")
+    jpeg_folder.add_arguments(parser, count=64)
     return parser.parse_args()
 
 
-def labelled_rows(scenes: SyntheticScenes) -> list[dict[str, object]]:
-    """One object per image as the cluster stage writes it: RLE mask, box, 0-based cluster."""
-    rows = []
-    for image_id in scenes.image_ids():
-        sample = scenes.load(image_id)
-        assert sample.instance_masks is not None and sample.instance_classes is not None
-        mask = sample.instance_masks[0]
-        rows.append(
-            {
-                "image_id": image_id,
-                "height": sample.height,
-                "width": sample.width,
-                "mask_rle": encode_rle(mask)["counts"],
-                "bbox": list(mask_to_box(mask)),
-                "cluster": int(sample.instance_classes[0]) - 1,
-            }
-        )
-    return rows
-
-
-Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
-
-
-def plain_rate(args: argparse.Namespace, batch_at: Callable[[int], Batch], classes: int) -> float:
+def rate(args: argparse.Namespace, batch_at: Callable[[int], Batch]) -> float:
     device = torch.device(args.device)
     model = build_detector(
         arch=args.arch,
-        num_classes=classes,
+        num_classes=jpeg_folder.NUM_CLASSES,
         train_short_sides=(args.size,),
         test_short_side=args.size,
     ).to(device)
@@ -88,71 +74,46 @@ def plain_rate(args: argparse.Namespace, batch_at: Callable[[int], Batch], class
         with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
             losses = detector_losses(
                 model,
-                [im.to(device) for im in images],
-                [{k: v.to(device) for k, v in t.items()} for t in targets],
+                [im.to(device, non_blocking=True) for im in images],
+                [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets],
             )
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()  # type: ignore[union-attr]
         optimizer.step()
     _sync(device)
     return args.iters * args.batch / (time.perf_counter() - start)
 
 
-def loaded(samples: MaskTargets, batch: int) -> Callable[[int], Batch]:
-    """Batches decoded and rendered in the loop, one after the other (no loader threads)."""
-
-    def batch_at(iteration: int) -> Batch:
-        indices = [(iteration * batch + i) % len(samples) for i in range(batch)]
-        images, targets = collate([samples[i] for i in indices])
-        return list(images), list(targets)
-
-    return batch_at
-
-
-def on_device(samples: MaskTargets, args: argparse.Namespace) -> Callable[[int], Batch]:
-    """One fixed batch already on the device: the training step alone."""
-    images, targets = loaded(samples, args.batch)(0)
-    images = [im.to(args.device) for im in images]
-    targets = [{k: v.to(args.device) for k, v in t.items()} for t in targets]
-    return lambda iteration: (images, targets)
-
-
-def ray_rate(args: argparse.Namespace, rows: list[dict[str, object]], classes: int) -> float:
-    import ray
-
+def stage_rate(args: argparse.Namespace, folder: jpeg_folder.JpegFolder) -> float:
     from jobs import train_detector
 
-    with tempfile.TemporaryDirectory() as run_dir:
-        config = ray_config(args, run_dir)
-        run = RunDir(run_dir)
-        write_table(run, pa.Table.from_pylist(rows), *labeled_path("train"))
-        write_manifest(run, StageManifest("cluster", "bench", metrics={"clusters": classes - 1}))
-        ray.init(include_dashboard=False, log_to_driver=False)
-        train_detector.run_stage(config)
-        log = [json.loads(line) for line in run.read_bytes("detector", "log.jsonl").splitlines()]
-        times = [r["time"] for r in log if "time" in r]
-        warmup = max(1, args.iters // 4)
-        return (len(times) - 1 - warmup) * args.batch / (times[-1] - times[warmup])
-
-
-def ray_config(args: argparse.Namespace, run_dir: str) -> ExperimentConfig:
     warmup = max(1, args.iters // 4)
-    overrides = {
-        "run_dir": run_dir,
-        "data.synthetic.train_images": args.images,
-        "data.synthetic.image_size": f"[{args.size}, {args.size}]",
-        "detector.arch": args.arch,
-        "detector.init": "none",
-        "detector.train_short_side": f"[{args.size}, {args.size}]",
-        "detector.batch_size": args.batch,
-        "detector.max_iters": args.iters + warmup + 1,
-        "detector.checkpoint_every": 10_000,
-        "detector.resources.use_gpu": str(args.device.startswith("cuda")).lower(),
-        "detector.precision": "bf16" if args.bf16 else "fp32",
-        "detector.resources.cpus_per_worker": 1 if args.device.startswith("cuda") else 2,
-        "detector.schedule": "{base_lr: 0.001, warmup_iters: 0, milestones: []}",
-    }
-    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    cuda = args.device.startswith("cuda")
+    with tempfile.TemporaryDirectory() as run_dir:
+        stage_data.stage_run(folder, run_dir)
+        overrides: dict[str, Any] = {
+            **stage_data.stage_overrides(folder, run_dir),
+            "detector.arch": args.arch,
+            "detector.init": "none",
+            "detector.train_short_side": f"[{args.size}, {args.size}]",
+            "detector.batch_size": args.batch,
+            "detector.max_iters": args.iters + warmup + 1,
+            "detector.checkpoint_every": 10_000,
+            "detector.schedule": "{base_lr: 0.001, warmup_iters: 0, milestones: []}",
+            "detector.precision": "bf16" if args.bf16 else "fp32",
+            "detector.resources.use_gpu": str(cuda).lower(),
+            "detector.resources.cpus_per_worker": min(os.cpu_count() or 1, args.workers + 1),
+            "detector.resources.loader_workers": args.workers,
+        }
+        config = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+        return stage_data.timed_stage(
+            train_detector.run_stage,
+            config,
+            stage="detector",
+            warmup=warmup,
+            batch_size=args.batch,
+            cuda=cuda,
+        )
 
 
 def _sync(device: torch.device) -> None:
@@ -162,24 +123,30 @@ def _sync(device: torch.device) -> None:
 
 def main() -> None:
     args = parse()
-    scenes = SyntheticScenes(num_images=args.images, image_size=(args.size, args.size), seed=3)
-    rows = labelled_rows(scenes)
-    classes = 7  # six synthetic classes + background
-    samples = MaskTargets(rows, scenes)
-    results = [("step", plain_rate(args, on_device(samples, args), classes))]
-    if args.device.startswith("cuda"):
-        memory = torch.cuda.max_memory_allocated() / 2**30
-    results.append(("plain", plain_rate(args, loaded(samples, args.batch), classes)))
-    if args.ray:
-        results.append(("ray-train", ray_rate(args, rows, classes)))
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    folder = jpeg_folder.from_arguments(args)
+    batches = stage_data.detector_batches(folder, batch_size=args.batch)
+    images, targets = batches(0)
+    fixed = (
+        [im.to(args.device) for im in images],
+        [{k: v.to(args.device) for k, v in t.items()} for t in targets],
+    )
+    results = [("step", rate(args, lambda iteration: fixed))]
+    cuda = args.device.startswith("cuda")
+    warmup = max(1, args.iters // 4)
+    stop = args.iters + warmup
+    data_rate = stage_data.loader_rate(
+        lambda batch_at: rate(args, batch_at), batches, workers=args.workers, stop=stop, cuda=cuda
+    )
+    results.append(("+data", data_rate))
+    if args.stage:
+        results.append(("stage", stage_rate(args, folder)))
+    device = torch.cuda.get_device_name() if cuda else "CPU"
     precision = "bf16" if args.bf16 else "fp32"
-    print(f"{args.arch} on {device}, {precision}, {args.size} px, batch {args.batch}")
-    if args.device.startswith("cuda"):
-        print(f"peak GPU memory (plain loop): {memory:.1f} GiB")
-    print(f"{'path':<10} {'img/s':>8}")
-    for name, rate in results:
-        print(f"{name:<10} {rate:>8.2f}")
+    title = (
+        f"{args.arch} on {device}, {precision}, short side {args.size}, batch {args.batch}, "
+        f"{args.workers} loader processes, {stage_data.folder_size(folder)}"
+    )
+    stage_data.print_rows(title, results, cuda=cuda)
 
 
 if __name__ == "__main__":

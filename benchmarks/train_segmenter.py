@@ -1,33 +1,43 @@
-"""DeepLab-v3 training throughput (Sec 4.1, A.3, Eq 4): images/s of the segmenter's training step.
+"""DeepLab-v3 training throughput (Sec 4.1, A.3, Eq 4): images/s of the segmenter's training.
 
-    python benchmarks/train_segmenter.py                                 # CPU, resnet18, a minute
+    python benchmarks/train_segmenter.py                                 # CPU, resnet18, minutes
     python benchmarks/train_segmenter.py --device cuda --backbone resnet50 --size 512 --batch 16 \
-        --iters 40 [--bf16]
+        --iters 40 --workers 12 --count 512 [--bf16] [--stage] [--images DIR]
 
 Anchor on one H100 at 512 px, batch 16: torchvision DeepLab-v3 R50 measured 89 img/s fp32 and
-128 img/s bf16 in a plain loop (18 GB). Rows:
-  step      forward + Eq 4 hard-pixel loss + backward + SGD step of `build_segmenter` (stem and
-            layer1 frozen, output stride 8), batches already on the device
-  +augment  the same fed by `SegmentationSamples` (A.3 scale, rotation, flip, crop) through the
-            training stage's `Prefetch` loader threads, as `jobs/train_segmenter.py` runs it
-The first quarter of the iterations is warm-up and not timed. Synthetic scenes with their
-ground-truth maps stand in for the pseudo labels.
+128 img/s bf16 in a plain loop (18 GB). Data: VOC-size JPEGs (`jpeg_folder.py`, 500x375 and
+375x500, decoded by `ImageFolder` as in users' runs) with their label PNGs as pseudo labels, or
+a user's folder with blob labels (`--images DIR`). Rows, in one run:
+  step   forward + Eq 4 hard-pixel loss + backward + SGD step of `build_segmenter` (stem and
+         layer1 frozen, output stride 8), one batch already on the device
+  +data  the same fed by the stage's batch function (`SampleBatches` of `SegmentationSamples`:
+         decode, A.3 scale/rotate/flip/crop, stack) through the stage's `BatchLoader` with
+         `--workers` processes, pinned memory on a GPU
+  stage  (`--stage`) jobs/train_segmenter.py itself (Ray Train, one worker, checkpoints only at
+         the end), images/s from its log.jsonl
+The first quarter of the iterations is warm-up and not timed. Targets (issue 15): `stage` and
+`+data` >= 0.9x `step`, `step` at or above the anchor.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
+import jpeg_folder  # sibling scripts: run this file as a script, as documented
+import stage_data
 import torch
 
-from maskdistill.data.synthetic import SyntheticScenes
-from maskdistill.engine import Prefetch, trainable
-from maskdistill.pseudolabels import encode_label_map
-from maskdistill.segmenter import SegmentationSamples, build_segmenter, segmenter_losses
+from maskdistill.config import load_config
+from maskdistill.engine import trainable
+from maskdistill.segmenter import build_segmenter, segmenter_losses
 
-NUM_CLASSES = 7  # six synthetic classes + background
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def parse() -> argparse.Namespace:
@@ -35,43 +45,21 @@ def parse() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--backbone", default="resnet18", choices=("resnet18", "resnet50"))
-    parser.add_argument("--size", type=int, default=160, help="crop side (images are this too)")
+    parser.add_argument("--size", type=int, default=256, help="crop side")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=8)
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=4, help="loader threads for +augment")
+    parser.add_argument("--workers", type=int, default=2, help="loader processes for +data")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--stage", action="store_true", help="also time the stage (Ray Train)")
+    jpeg_folder.add_arguments(parser, count=64)
     return parser.parse_args()
 
 
-def training_samples(args: argparse.Namespace) -> SegmentationSamples:
-    scenes = SyntheticScenes(num_images=args.images, image_size=(args.size, args.size), seed=3)
-    rows = []
-    for image_id in scenes.image_ids():
-        semantic = scenes.load(image_id).semantic
-        assert semantic is not None
-        rows.append({"image_id": image_id, "label_png": encode_label_map(semantic)})
-    return SegmentationSamples(rows, scenes, crop_size=args.size)
-
-
-Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
-
-
-def augmented(samples: SegmentationSamples, batch: int) -> Batches:
-    """The stage's data path: `SegmentationSamples` items drawn by iteration."""
-
-    def batch_at(iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = [(iteration * batch + i) % len(samples) for i in range(batch)]
-        pairs = [samples.load(i, variant=iteration) for i in indices]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-
-    return batch_at
-
-
-def rate(args: argparse.Namespace, batch_at: Batches) -> float:
+def rate(args: argparse.Namespace, batch_at: Callable[[int], Batch]) -> float:
     device = torch.device(args.device)
-    model = build_segmenter(num_classes=NUM_CLASSES, backbone=args.backbone).to(device)
+    model = build_segmenter(num_classes=jpeg_folder.NUM_CLASSES, backbone=args.backbone)
+    model = model.to(device)
     optimizer = torch.optim.SGD(
         trainable(model.parameters()), lr=0.002, momentum=0.9, weight_decay=1e-4
     )
@@ -92,11 +80,38 @@ def rate(args: argparse.Namespace, batch_at: Batches) -> float:
     return args.iters * args.batch / (time.perf_counter() - start)
 
 
-def on_device(samples: SegmentationSamples, args: argparse.Namespace) -> Batches:
-    """One fixed batch already on the device: the training step alone."""
-    images, targets = augmented(samples, args.batch)(0)
-    images, targets = images.to(args.device), targets.to(args.device)
-    return lambda iteration: (images, targets)
+def stage_rate(args: argparse.Namespace, folder: jpeg_folder.JpegFolder) -> float:
+    from jobs import train_segmenter
+
+    warmup = max(1, args.iters // 4)
+    per_epoch = len(folder.image_ids()) // args.batch
+    epochs = math.ceil((args.iters + warmup + 1) / per_epoch)
+    cuda = args.device.startswith("cuda")
+    with tempfile.TemporaryDirectory() as run_dir:
+        stage_data.stage_run(folder, run_dir)
+        overrides: dict[str, Any] = {
+            **stage_data.stage_overrides(folder, run_dir),
+            "segmenter.backbone": args.backbone,
+            "segmenter.init": "none",
+            "segmenter.crop_size": args.size,
+            "segmenter.batch_size": args.batch,
+            "segmenter.epochs": epochs,
+            "segmenter.checkpoint_every_epochs": epochs,
+            "segmenter.schedule": f"{{base_lr: 0.002, reference_batch: {args.batch}}}",
+            "segmenter.precision": "bf16" if args.bf16 else "fp32",
+            "segmenter.resources.use_gpu": str(cuda).lower(),
+            "segmenter.resources.cpus_per_worker": min(os.cpu_count() or 1, args.workers + 1),
+            "segmenter.resources.loader_workers": args.workers,
+        }
+        config = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+        return stage_data.timed_stage(
+            train_segmenter.run_stage,
+            config,
+            stage="segmenter",
+            warmup=warmup,
+            batch_size=args.batch,
+            cuda=cuda,
+        )
 
 
 def _sync(device: torch.device) -> None:
@@ -106,20 +121,28 @@ def _sync(device: torch.device) -> None:
 
 def main() -> None:
     args = parse()
-    samples = training_samples(args)
-    results = [("step", rate(args, on_device(samples, args)))]
-    memory = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0
-    results.append(("+augment", rate(args, Prefetch(augmented(samples, args.batch), args.threads))))
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    precision = "bf16" if args.bf16 else "fp32"
-    print(
-        f"DeepLab-v3 {args.backbone} on {device}, {precision}, {args.size} px, batch {args.batch}"
+    folder = jpeg_folder.from_arguments(args)
+    batches = stage_data.segmenter_batches(folder, crop_size=args.size, batch_size=args.batch)
+    first = batches(0)
+    fixed = (first[0].to(args.device), first[1].to(args.device))
+    results = [("step", rate(args, lambda iteration: fixed))]
+    cuda = args.device.startswith("cuda")
+    warmup = max(1, args.iters // 4)
+    stop = args.iters + warmup
+    data_rate = stage_data.loader_rate(
+        lambda batch_at: rate(args, batch_at), batches, workers=args.workers, stop=stop, cuda=cuda
     )
-    if memory:
-        print(f"peak GPU memory (step): {memory:.1f} GiB")
-    print(f"{'path':<10} {'img/s':>8}")
-    for name, value in results:
-        print(f"{name:<10} {value:>8.2f}")
+    results.append(("+data", data_rate))
+    if args.stage:
+        results.append(("stage", stage_rate(args, folder)))
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    precision = "bf16" if args.bf16 else "fp32"
+    title = (
+        f"DeepLab-v3 {args.backbone} on {device}, {precision}, {args.size} px crops, "
+        f"batch {args.batch}, {args.workers} loader processes, "
+        f"{stage_data.folder_size(folder)}"
+    )
+    stage_data.print_rows(title, results, cuda=cuda)
 
 
 if __name__ == "__main__":

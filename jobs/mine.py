@@ -23,7 +23,7 @@ import torch
 from jobs.common import connect, execute_stage, start
 from jobs.sharded import ShardedMap, run_sharded
 from maskdistill.backbones import build_backbone
-from maskdistill.clustering import object_view_native, object_views
+from maskdistill.clustering import ObjectFeatures
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import dataset_of
 from maskdistill.masks import decode_rle, encode_rle
@@ -44,7 +44,9 @@ STAGE = MINE
 
 
 class Miner:
-    """GPU actor: the ViT stays loaded; each batch gives masks (Sec 3.2) and object features.
+    """GPU actor: the ViT stays loaded; each batch gives masks (Sec 3.2) and object features,
+    computed batched on the device with one copy back per batch (`mine_images`); decoding runs
+    in Ray Data's CPU tasks, overlapping the GPU.
 
     With `clustering.backbone` a second ViT (the release: ViT-S/8) gives the features.
     """
@@ -64,7 +66,12 @@ class Miner:
             else build_backbone(own.arch, weights=own.weights).to(self.device)
         )
         self.mining = config.mining
-        self.clustering = config.clustering
+        self.features = ObjectFeatures(
+            backbone=self.feature_backbone,
+            mode=config.clustering.feature,
+            crop=config.clustering.crop,
+            size=config.clustering.view_size,
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         readable = [i for i, reason in enumerate(batch["reason"]) if not reason]
@@ -78,31 +85,12 @@ class Miner:
             seed_component=self.mining.seed_component,
             device=self.device,
             bf16=self.bf16,
+            features=self.features,
         )
-        features = self._features(images, [m.mask for m in mined], [m.box for m in mined])
+        # Sec 3.2: the CLS token of each object's view (box crop or masked image)
+        features = np.array([m.feature for m in mined], dtype=np.float32)
+        features = features.reshape(len(mined), self.feature_backbone.embed_dim)
         return mined_columns(batch, batch["reason"], mined, features)
-
-    @torch.no_grad()
-    def _features(
-        self, images: list[np.ndarray], masks: list[np.ndarray], boxes: list
-    ) -> np.ndarray:
-        """Sec 3.2: the CLS token of each object's view (box crop or masked image), resized to
-        view_size and batched, or at its own resolution one object at a time (`native`)."""
-        vit, mode = self.feature_backbone, self.clustering.feature
-        if not images:
-            return np.zeros((0, vit.embed_dim), dtype=np.float32)
-        if self.clustering.crop == "native":
-            batches = [
-                object_view_native(image, mask, box, mode=mode, patch_size=vit.patch_size)[None]
-                for image, mask, box in zip(images, masks, boxes, strict=True)
-            ]
-        else:
-            batches = [
-                object_views(images, masks, boxes, mode=mode, size=self.clustering.view_size)
-            ]
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
-            features = [vit.cls_features(views.to(self.device)).float() for views in batches]
-        return torch.cat(features).cpu().numpy()
 
 
 class GroundTruthMiner:

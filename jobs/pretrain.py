@@ -28,13 +28,12 @@ from maskdistill.outputs import PRETRAINED_BACKBONE
 from maskdistill.pretrain import (
     DINOSchedules,
     MultiCrop,
-    ViewDraws,
+    PretrainBatches,
     attention_picture,
     build_dino,
     build_optimizer,
     dino_losses,
     dino_schedules,
-    draw_views,
     export_teacher,
     teacher_backbone,
 )
@@ -66,15 +65,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         dino = torch.nn.SyncBatchNorm.convert_sync_batchnorm(dino)  # DINO syncs head BN too
     model = ray.train.torch.prepare_model(dino, move_to_device=False)
     optimizer, scheduler = build_optimizer(dino, schedules, clip_grad=pre.clip_grad)
-    crops = MultiCrop.from_config(pre)
 
-    def batch_at(iteration: int) -> tuple[int, ViewDraws | list[torch.Tensor]]:
-        indices = worker.indices(iteration, global_batch=pre.batch_size, num_samples=len(image_ids))
-        images = [dataset.load(image_ids[i]).image for i in indices]
-        draws = draw_views(images, crops, indices=indices, iteration=iteration, seed=config.seed)
-        if device.type == "cpu":  # render here, in the loader threads, beside the training step
-            return iteration, draws.render()
-        return iteration, draws  # the step renders them on its GPU, in milliseconds
+    batches = PretrainBatches(
+        dataset,
+        image_ids,
+        MultiCrop.from_config(pre),
+        worker.plan(global_batch=pre.batch_size, num_samples=len(image_ids)),
+        render=device.type == "cpu",  # a GPU renders the views in the step, in milliseconds
+    )
 
     worker.train(
         STAGE,
@@ -84,7 +82,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler,
         max_iters=schedules.iterations,
         checkpoint_every=schedules.iterations // pre.epochs * pre.checkpoint_every_epochs,
-        batch_at=batch_at,
+        batches=batches,
         losses=dino_losses(schedules, device),
     )
 

@@ -22,9 +22,10 @@ from maskdistill.data import dataset_of
 from maskdistill.data.base import SkipLog, iter_samples
 from maskdistill.engine import build_scheduler, scaled_lr, trainable, unwrap
 from maskdistill.inference import segmenter_from_config
+from maskdistill.loader import SampleBatches
 from maskdistill.outputs import REFINED_SCHEMA, class_map, read_pseudo, write_weights
 from maskdistill.rundir import RunDir
-from maskdistill.segmenter import SegmentationSamples, segmenter_losses
+from maskdistill.segmenter import SegmentationSamples, segmenter_losses, stack_pairs
 from maskdistill.selection import BEST_ON_VAL, Selection, val_miou
 from maskdistill.shards import read_parts
 from maskdistill.stages import SEGMENTER
@@ -81,15 +82,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         augment=seg.augment,
     )
 
-    def batch_at(iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = worker.indices(iteration, global_batch=seg.batch_size, num_samples=len(samples))
-        pairs = [samples.load(i, variant=iteration) for i in indices]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    plan = worker.plan(global_batch=seg.batch_size, num_samples=len(samples))
 
     def losses(model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         images, targets = batch
         return segmenter_losses(
-            model, images.to(device), targets.to(device), fraction=seg.hard_pixel_fraction
+            model,
+            images.to(device, non_blocking=True),
+            targets.to(device, non_blocking=True),
+            fraction=seg.hard_pixel_fraction,
         )
 
     checkpoint_every = per_epoch * seg.checkpoint_every_epochs
@@ -111,7 +112,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         build_scheduler(optimizer, schedule),
         max_iters=max_iters,
         checkpoint_every=checkpoint_every,
-        batch_at=batch_at,
+        batches=SampleBatches(samples, plan, stack_pairs),
         losses=losses,
     )
     if select is not None:

@@ -32,6 +32,7 @@ from maskdistill.data.union import SplitUnion
 from maskdistill.detector import MaskTargets, collate, detector_losses, sync_batch_norm
 from maskdistill.engine import build_scheduler, scaled_lr, trainable
 from maskdistill.inference import detector_from_config
+from maskdistill.loader import SampleBatches
 from maskdistill.outputs import detector_splits, num_classes, read_labeled
 from maskdistill.rundir import RunDir, StageManifest
 from maskdistill.stages import DETECTOR
@@ -59,16 +60,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     samples = training_set(config, run)
 
-    def batch_at(iteration: int) -> Any:
-        indices = worker.indices(iteration, global_batch=det.batch_size, num_samples=len(samples))
-        return collate([samples.load(i, variant=iteration) for i in indices])
+    plan = worker.plan(global_batch=det.batch_size, num_samples=len(samples))
 
     def losses(model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         images, targets = batch
         return detector_losses(
             model,
-            [image.to(device) for image in images],
-            [{key: value.to(device) for key, value in t.items()} for t in targets],
+            [image.to(device, non_blocking=True) for image in images],
+            [
+                {key: value.to(device, non_blocking=True) for key, value in t.items()}
+                for t in targets
+            ],
         )
 
     worker.train(
@@ -79,7 +81,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         build_scheduler(optimizer, det.schedule),
         max_iters=det.max_iters,
         checkpoint_every=det.checkpoint_every,
-        batch_at=batch_at,
+        batches=SampleBatches(samples, plan, collate),
         losses=losses,
     )
 

@@ -22,15 +22,15 @@ from jobs.common import execute_stage
 from maskdistill.config import ExperimentConfig, TrainingResources
 from maskdistill.console import PROGRESS_FILE, ProgressFile, follow
 from maskdistill.engine import (
+    BatchPlan,
     Checkpointer,
     CurveWriter,
     MetricsLog,
     NonFiniteLoss,
-    Prefetch,
     TrainSpec,
-    batch_indices,
     train,
 )
+from maskdistill.loader import Batches, BatchLoader
 from maskdistill.outputs import write_weights
 from maskdistill.rundir import RunDir, StageManifest
 
@@ -113,10 +113,9 @@ class Worker:
             hooks=loop_config.get("hooks", ()),
         )
 
-    def indices(self, iteration: int, *, global_batch: int, num_samples: int) -> list[int]:
-        """This rank's share of the global batch of `iteration` (a pure function: resumable)."""
-        return batch_indices(
-            iteration,
+    def plan(self, *, global_batch: int, num_samples: int) -> BatchPlan:
+        """This rank's share of each iteration's global batch (a pure function: resumable)."""
+        return BatchPlan(
             rank=self.rank,
             world_size=self.world,
             batch_size=global_batch // self.world,
@@ -134,14 +133,24 @@ class Worker:
         *,
         max_iters: int,
         checkpoint_every: int,
-        batch_at: Callable[[int], Any],
+        batches: Batches,
         losses: Callable[[torch.nn.Module, Any], Mapping[str, torch.Tensor]],
     ) -> None:
         """Resume, train to `max_iters` with checkpoints under `<stage>/checkpoints`, report the
         losses to Ray Train every `log_every` iterations (curves in `<stage>/tensorboard`) and at
-        the end (or the NaN error, which the driver raises)."""
+        the end (or the NaN error, which the driver raises). `batches` run in the section's
+        loader processes."""
         main = self.rank == 0
         hooks = list(self.hooks)
+        res = section.resources
+        loader = BatchLoader(
+            batches,
+            workers=res.loader_workers,
+            prefetch=res.prefetch,
+            stop=max_iters,
+            pin_memory=self.device.type == "cuda",
+            describe=batches.image_ids,
+        )
         if main:  # the driver's bar (`fit_stage`): iterations done, at most every few seconds
             progress = ProgressFile(self.run.uri_of(stage, PROGRESS_FILE))
             progress.start(stage, max_iters, "it")
@@ -151,7 +160,7 @@ class Worker:
             checkpoint_every=checkpoint_every,
             checkpoints=Checkpointer(self.run.uri_of(stage, "checkpoints")),
             log=MetricsLog(self.run.uri_of(stage, "log.jsonl")) if main else None,
-            batch_at=Prefetch(batch_at, section.resources.loader_threads, stop=max_iters),
+            batch_at=loader,
             losses=losses,
             device=self.device,
             bf16=self.device.type == "cuda" and section.precision == "bf16",
@@ -170,6 +179,8 @@ class Worker:
         except NonFiniteLoss as err:
             report_to_driver({"error": str(err)}, rank=self.rank)
             return
+        finally:
+            loader.close()
         if main:
             progress.update(max_iters, force=True)
         report_to_driver({"iteration": max_iters, **last}, rank=self.rank)

@@ -26,6 +26,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
+from torchvision.transforms.functional import convert_image_dtype
 
 from maskdistill.backbones import IMAGENET_MEAN, IMAGENET_STD
 from maskdistill.data.base import Dataset
@@ -212,6 +213,9 @@ class MaskTargets(torch.utils.data.Dataset[tuple[Tensor, dict[str, Tensor]]]):
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         return self.load(index, variant=self.epoch)
 
+    def image_id(self, index: int) -> str:
+        return str(self.rows[index]["image_id"])
+
     def load(self, index: int, *, variant: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
         """Item `index` with the flip of `variant` (an epoch or iteration number)."""
         row = self.rows[index]
@@ -235,8 +239,9 @@ class MaskTargets(torch.utils.data.Dataset[tuple[Tensor, dict[str, Tensor]]]):
 
 
 def _image_tensor(image: np.ndarray) -> Tensor:
-    """float32 [3, H, W] in 0..1 from uint8 [H, W, 3]."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+    """uint8 [3, H, W] from uint8 [H, W, 3]: a quarter of float32's trip from a loader process
+    (`detector_losses` scales it to 0..1 on the device)."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 def _target(image_id: str, mask: np.ndarray, cluster: int) -> dict[str, Tensor]:
@@ -273,9 +278,11 @@ def detector_losses(
     model: MaskRCNN, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]]
 ) -> dict[str, Tensor]:
     """Eq 3 plus the RPN terms: loss_classifier, loss_box_reg, loss_mask, loss_objectness,
-    loss_rpn_box_reg. Puts the model in training mode."""
+    loss_rpn_box_reg. Puts the model in training mode. uint8 images (`MaskTargets`') are scaled
+    to 0..1 where they are; float images are taken as 0..1 already."""
     model.train()
-    losses: dict[str, Tensor] = model(list(images), list(targets))
+    scaled = [convert_image_dtype(image, torch.float32) for image in images]
+    losses: dict[str, Tensor] = model(scaled, list(targets))
     return losses
 
 

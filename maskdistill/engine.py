@@ -19,7 +19,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +71,27 @@ def batch_indices(
     order = np.random.default_rng((seed, epoch)).permutation(num_samples)
     start = step * per_step + rank * batch_size
     return [int(order[(start + i) % num_samples]) for i in range(batch_size)]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples one rank draws at each iteration (`batch_indices` with fixed arguments)."""
+
+    rank: int
+    world_size: int
+    batch_size: int  # per rank
+    num_samples: int
+    seed: int
+
+    def indices(self, iteration: int) -> list[int]:
+        return batch_indices(
+            iteration,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            num_samples=self.num_samples,
+            seed=self.seed,
+        )
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -261,27 +281,6 @@ def _summary_writer_class() -> type[SummaryWriter] | None:
         print("warning: no TensorBoard curves: pip install 'maskdistill[track]' to write them")
         return None
     return SummaryWriter
-
-
-class Prefetch:
-    """`fn(iteration)` computed up to `depth` iterations ahead on a thread pool (data loading);
-    never for iterations at or past `stop` (the end of training) when it is given."""
-
-    def __init__(self, fn: Callable[[int], Any], depth: int, *, stop: int | None = None) -> None:
-        self.fn, self.depth, self.stop = fn, depth, stop
-        self.pool = ThreadPoolExecutor(max_workers=depth)
-        self.futures: dict[int, Future[Any]] = {}
-
-    def __call__(self, iteration: int) -> Any:
-        end = iteration + self.depth + 1
-        if self.stop is not None:
-            end = max(iteration + 1, min(end, self.stop))
-        for ahead in range(iteration, end):
-            if ahead not in self.futures:
-                self.futures[ahead] = self.pool.submit(self.fn, ahead)
-        for stale in [k for k in self.futures if k < iteration]:
-            self.futures.pop(stale).cancel()
-        return self.futures.pop(iteration).result()
 
 
 @dataclass

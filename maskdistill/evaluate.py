@@ -25,7 +25,8 @@ Ray task on a GPU worker.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ from maskdistill import crf, outputs, probe
 from maskdistill.config import CRFConfig, ExperimentConfig
 from maskdistill.console import PROGRESS_FILE, ProgressFile
 from maskdistill.data import dataset_of
-from maskdistill.data.base import IGNORE_INDEX, Dataset, Sample, SkipLog, iter_samples
+from maskdistill.data.base import IGNORE_INDEX, Sample, SkipLog
 from maskdistill.engine import CurveWriter
 from maskdistill.evaluation import (
     InstanceSet,
@@ -49,6 +50,7 @@ from maskdistill.evaluation import (
     segmentation_scores,
 )
 from maskdistill.inference import Segmenter
+from maskdistill.loader import decoded
 from maskdistill.masks import decode_rle
 from maskdistill.pseudolabels import decode_label_map
 from maskdistill.release import default_class_names
@@ -182,15 +184,20 @@ class Findings:
         self.confusion[row] = self.confusion.get(row, 0) + counts
 
 
-def labelled(dataset: Dataset, image_ids: Sequence[str], skips: SkipLog) -> list[Sample]:
-    """The readable samples with semantic ground truth; the others go to `skips`."""
-    samples = []
-    for sample in iter_samples(dataset, image_ids, skips):
+def labelled(samples: Iterable[Sample], skips: SkipLog) -> list[Sample]:
+    """The samples with semantic ground truth; the others go to `skips`."""
+    kept = []
+    for sample in samples:
         if sample.semantic is None:
             skips.add(sample.image_id, "no semantic ground truth")
         else:
-            samples.append(sample)
-    return samples
+            kept.append(sample)
+    return kept
+
+
+def _chunks(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
+    while chunk := list(itertools.islice(samples, size)):
+        yield chunk
 
 
 def score_batch(
@@ -285,7 +292,9 @@ def _linear_probe(
     ev = config.evaluation
     train = dataset_of(config.data, config.data.train_split)
     train_ids = train.image_ids()[: ev.probe_max_images]
-    pairs = _pairs(labelled(train, train_ids, SkipLog()))
+    skips = SkipLog()
+    workers = ev.resources.loader_workers
+    pairs = _pairs(labelled(decoded(train, train_ids, skips, workers=workers), skips))
     if not pairs:
         raise ValueError(f"linear probe: split {config.data.train_split!r} has no ground truth")
     curves = CurveWriter(RunDir(config.run_dir).uri_of(EVALUATE, "tensorboard", tag))
@@ -364,10 +373,10 @@ def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, 
         probe_crf = _linear_probe(config, refined, len(class_names), bar, tag="probe_crf")
     image_ids = dataset.image_ids()
     bar.start(f"{EVALUATE}:{split}", len(image_ids), "img")
-    for start in range(0, len(image_ids), ev.resources.batch_size):
-        batch = labelled(
-            dataset, image_ids[start : start + ev.resources.batch_size], findings.skips
-        )
+    samples = decoded(dataset, image_ids, findings.skips, workers=ev.resources.loader_workers)
+    done = 0
+    for chunk in _chunks(samples, ev.resources.batch_size):
+        batch = labelled(chunk, findings.skips)
         score_batch(
             findings,
             segmenter,
@@ -384,7 +393,8 @@ def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, 
             self_trained=refined is not None,
             linear_probe=probe_crf,
         )
-        bar.update(min(start + ev.resources.batch_size, len(image_ids)))
+        done += len(chunk)
+        bar.update(done)
     bar.update(len(image_ids), force=True)
     if SEGMENTER not in findings.confusion:
         raise ValueError(f"split {split!r}: no image with semantic ground truth to evaluate")
@@ -415,7 +425,9 @@ def gather_instances(
     pseudo = _rows_by_id(outputs.read_pseudo(run, split))
     image_ids = dataset.image_ids()
     bar.start(f"{EVALUATE}:{split}", len(image_ids), "img")
-    for done, sample in enumerate(iter_samples(dataset, image_ids, findings.skips), start=1):
+    workers = config.evaluation.resources.loader_workers
+    samples = decoded(dataset, image_ids, findings.skips, workers=workers)
+    for done, sample in enumerate(samples, start=1):
         image_id = sample.image_id
         if not findings.add_instances(sample, mined.get(image_id), pseudo.get(image_id)):
             findings.skips.add(image_id, f"no instance ground truth (mask AP on {split})")

@@ -17,7 +17,8 @@ def encode_rle(mask: np.ndarray) -> dict[str, object]:
     """COCO RLE of a [H, W] mask, `counts` as text so it fits JSON and Parquet strings."""
     if mask.ndim != 2:
         raise ValueError(f"encode_rle expects a [H, W] mask, got shape {mask.shape}")
-    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8, copy=False)))
+    pixels = mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8, copy=False)
+    rle = coco_mask.encode(np.asfortranarray(pixels))  # no copy for a column-major bool mask
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
@@ -78,11 +79,6 @@ def pad_to_multiple(images: torch.Tensor, multiple: int, value: float = 0.0) -> 
     if pad_h == pad_w == 0:
         return images
     return F.pad(images, (0, pad_w, 0, pad_h), value=value)
-
-
-def unpad(padded: Array, size: tuple[int, int]) -> Array:
-    """Undo `pad_to_multiple`: the top-left `size` = (H, W) of the last two axes."""
-    return padded[..., : size[0], : size[1]]
 
 
 def patch_grid(size: tuple[int, int], patch_size: int) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """Sec 3.2: one object mask per image from the final self-attention block of a ViT.
 
 `object_masks` is the paper's math on q and k; `mine_images` is the image-level step around it:
-resize the shorter side, pad to the patch grid, mine, unpad, upsample to the original size.
+resize the shorter side, pad to the patch grid, mine, unpad, upsample to the original size, and
+(optionally) each object's CLS feature, all batched on the device with one copy back per batch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from maskdistill.backbones import to_model_input
-from maskdistill.masks import mask_to_box, nearest_index, pad_to_multiple, resize_nearest, unpad
+from maskdistill.clustering import ObjectFeatures, object_features
+from maskdistill.masks import nearest_index, pad_to_multiple
 
 
 def object_masks(
@@ -140,6 +142,7 @@ class MinedMask:
     seed_box: tuple[int, int, int, int]  # that patch on the original image, x0, y0, x1, y1
     grid: tuple[int, int]
     cls_token: np.ndarray  # float32 [D], the image's CLS output
+    feature: np.ndarray | None = None  # float32 [D'], the object's CLS feature when asked for
 
 
 def mined_size(height: int, width: int, short_side: int) -> tuple[int, int]:
@@ -148,14 +151,11 @@ def mined_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def resized_input(image: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """uint8 [H, W, 3] -> normalised float [3, h, w] at `size` (antialiased), on `device`."""
+def _normalised(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 [H, W, 3] -> ImageNet-normalised float [1, 3, H, W] on `device`, without a sync."""
     # Ray Data hands out read-only arrays, which torch.from_numpy warns about: copy those
-    pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).to(device)[None]
-    normalised = to_model_input(pixels)
-    if normalised.shape[-2:] != size:
-        normalised = F.interpolate(normalised, size=size, mode="bilinear", antialias=True)
-    return normalised[0]
+    pixels = torch.from_numpy(np.require(image, requirements=["C", "W"]))
+    return to_model_input(pixels.to(device, non_blocking=True)[None])
 
 
 @torch.no_grad()
@@ -169,14 +169,30 @@ def mine_images(
     seed_component: bool = True,
     device: torch.device | str = "cpu",
     bf16: bool = False,
+    features: ObjectFeatures | None = None,
 ) -> list[MinedMask]:
-    """Mine one mask per uint8 [H, W, 3] image; images of one mined size share a forward pass."""
+    """Mine one mask per uint8 [H, W, 3] image; with `features`, each object's CLS feature too.
+
+    Images of one mined size share a forward pass. Masks at the original sizes, their boxes and
+    seed boxes, and the object features (`clustering.object_features`) are computed batched on
+    `device`; everything comes back in ONE device->host copy per call (`_copy_to_host`), so
+    nothing in here waits on the device per image (`features.crop == "native"` reads the boxes
+    back once before that: its views differ in size). The masks are column-major bool views of
+    that copy, ready for COCO RLE.
+    """
     device = torch.device(device)
-    sizes = [mined_size(im.shape[0], im.shape[1], short_side) for im in images]
-    results: list[MinedMask | None] = [None] * len(images)
+    if not images:
+        return []
+    originals = [(int(image.shape[0]), int(image.shape[1])) for image in images]
+    sizes = [mined_size(height, width, short_side) for height, width in originals]
+    pixels = [_normalised(image, device) for image in images]
+    extent = (max(h for h, _ in originals), max(w for _, w in originals))
+    order: list[int] = []
+    grids: list[tuple[int, int]] = []
+    parts = []
     for size in dict.fromkeys(sizes):
         members = [i for i, s in enumerate(sizes) if s == size]
-        batch = torch.stack([resized_input(images[i], size, device) for i in members])
+        batch = torch.cat([_resize(pixels[i], size) for i in members])
         padded = pad_to_multiple(batch, backbone.patch_size)  # 0 = the mean colour once normalised
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             out = backbone(padded)
@@ -184,17 +200,132 @@ def mine_images(
             out.q, out.k, out.grid, top_k=top_k, cls_heads=cls_heads, seed_component=seed_component
         )
         scores = attention_share(out.q, out.k, grid_masks, cls_heads)
-        for row, index in enumerate(members):
-            results[index] = _to_original(
-                grid_masks[row],
-                images[index].shape[:2],
-                size,
-                backbone.patch_size,
-                score=float(scores[row]),
-                seed=int(seeds[row]),
-                cls_token=out.cls_token[row].float().cpu().numpy(),
+        masks_t, seed_boxes = original_masks(
+            grid_masks, seeds, [originals[i] for i in members], size, backbone.patch_size, extent
+        )
+        order += members
+        grids += [out.grid] * len(members)
+        parts.append((masks_t, seed_boxes, seeds[:, None], scores[:, None], out.cls_token))
+    masks_t, seed_boxes, seeds, scores, cls_tokens = (
+        torch.cat(p) for p in zip(*parts, strict=True)
+    )
+    boxes = mask_boxes(masks_t)
+    numbers = [boxes, seed_boxes, seeds, scores, cls_tokens]  # pixel indices < 2^24: exact as f32
+    if features is not None:
+        numbers.append(
+            object_features(
+                features,
+                _stack_padded([pixels[i] for i in order], extent),
+                masks_t.transpose(1, 2),
+                boxes,
+                torch.tensor([originals[i] for i in order]).to(device, non_blocking=True),
+                bf16=bf16,
             )
+        )
+    values, masks = _copy_to_host(torch.cat([n.float() for n in numbers], 1), masks_t)
+    dim = cls_tokens.shape[1]
+    results: list[MinedMask | None] = [None] * len(images)
+    for row, index in enumerate(order):
+        height, width = originals[index]
+        box, seed_box, seed = values[row, :4], values[row, 4:8], int(values[row, 8])
+        results[index] = MinedMask(
+            height=height,
+            width=width,
+            mask=masks[row, :width, :height].T,  # column-major, as COCO RLE reads it
+            box=_ints(box),
+            score=float(values[row, 9]),
+            seed_patch=divmod(seed, grids[row][1]),
+            seed_box=_ints(seed_box),
+            grid=grids[row],
+            cls_token=values[row, 10 : 10 + dim],
+            feature=values[row, 10 + dim :] if features is not None else None,
+        )
     return [r for r in results if r is not None]
+
+
+def _resize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[1, 3, H, W] at `size` (bilinear, antialiased): the image as the ViT mines it."""
+    if pixels.shape[-2:] == size:
+        return pixels
+    return F.interpolate(pixels, size=size, mode="bilinear", antialias=True)
+
+
+def _stack_padded(pixels: list[torch.Tensor], extent: tuple[int, int]) -> torch.Tensor:
+    """[1, 3, h, w] images -> one [B, 3, H, W] batch, zero (the mean colour) beyond each."""
+    batch = pixels[0].new_zeros((len(pixels), 3, *extent))
+    for row, image in enumerate(pixels):
+        batch[row, :, : image.shape[-2], : image.shape[-1]] = image[0]
+    return batch
+
+
+def _ints(values: np.ndarray) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = (int(v) for v in values)
+    return x0, y0, x1, y1
+
+
+def _copy_to_host(values: torch.Tensor, masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [B, K] and bool [B, W, H] -> numpy, in one device->host copy (one byte buffer)."""
+    values, masks = values.contiguous(), masks.contiguous()
+    packed = torch.cat([values.view(torch.uint8).flatten(), masks.view(torch.uint8).flatten()])
+    host = packed.cpu().numpy()
+    split = values.numel() * values.element_size()
+    numbers = host[:split].view(np.float32).reshape(values.shape)
+    return numbers, host[split:].view(bool).reshape(masks.shape)
+
+
+def original_masks(
+    grid_masks: torch.Tensor,
+    seeds: torch.Tensor,
+    originals: Sequence[tuple[int, int]],
+    mined: tuple[int, int],
+    patch_size: int,
+    extent: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch masks [B, gh, gw] of images mined at `mined` -> masks at their `originals` sizes.
+
+    Sec 3.2: "upsampled to the original image size using nearest neighbor interpolation".
+    Original pixel y takes mined pixel `nearest_index(mined, original)[y]` of the unpadded
+    input, whose patch row is that // patch_size, so the upsampling is two index gathers on the
+    device. Returns bool [B, W, H] (transposed: column-major per image, as COCO RLE reads
+    masks), zero beyond each image's size within `extent` = (H, W), and the seed patch's box on
+    each original image, long [B, 4] (x0, y0, x1, y1; `patch_box`). A mask that no original
+    pixel sees (an image far smaller than its mined size) gets its seed box's top-left pixel.
+    """
+    batch, gh, gw = grid_masks.shape
+    height, width = extent
+    rows = np.full((batch, height), -1, dtype=np.int64)  # -1: beyond the image
+    cols = np.full((batch, width), -1, dtype=np.int64)
+    spans = np.zeros((batch, gh + gw, 2), dtype=np.int64)
+    for b, (h, w) in enumerate(originals):
+        rows[b, :h] = nearest_index(mined[0], h) // patch_size
+        cols[b, :w] = nearest_index(mined[1], w) // patch_size
+        spans[b] = np.concatenate(
+            [patch_spans(patch_size, mined[0], h), patch_spans(patch_size, mined[1], w)]
+        )
+    device = grid_masks.device
+    rows_t, cols_t, spans_t = (
+        torch.from_numpy(a).to(device, non_blocking=True) for a in (rows, cols, spans)
+    )
+    by_col = grid_masks.transpose(1, 2).gather(
+        1, cols_t.clamp(min=0)[:, :, None].expand(-1, -1, gh)
+    )
+    masks = by_col.gather(2, rows_t.clamp(min=0)[:, None, :].expand(-1, width, -1))
+    masks &= (cols_t >= 0)[:, :, None] & (rows_t >= 0)[:, None, :]
+    index = torch.arange(batch, device=device)
+    y_span, x_span = spans_t[index, seeds // gw], spans_t[index, gh + seeds % gw]
+    seed_boxes = torch.stack([x_span[:, 0], y_span[:, 0], x_span[:, 1], y_span[:, 1]], 1)
+    empty = ~masks.flatten(1).any(1)
+    masks[index, x_span[:, 0], y_span[:, 0]] |= empty
+    return masks, seed_boxes
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Boxes (x0, y0, x1, y1) in pixel edges, long [B, 4], of non-empty bool masks [B, W, H]."""
+    xs, ys = masks.any(2), masks.any(1)
+    x0, y0 = xs.byte().argmax(1), ys.byte().argmax(1)  # argmax: the first maximal index
+    x1 = xs.shape[1] - xs.flip(1).byte().argmax(1)
+    y1 = ys.shape[1] - ys.flip(1).byte().argmax(1)
+    return torch.stack([x0, y0, x1, y1], 1)
 
 
 def attention_share(
@@ -207,51 +338,25 @@ def attention_share(
     return (attention * masks.flatten(1)).sum(1).clamp(0.0, 1.0)  # float sums can pass 1
 
 
-def _to_original(
-    grid_mask: torch.Tensor,
-    original: tuple[int, int],
-    mined: tuple[int, int],
-    patch_size: int,
-    *,
-    score: float,
-    seed: int,
-    cls_token: np.ndarray,
-) -> MinedMask:
-    """Patch mask -> pixels of the padded input -> unpadded mined size -> original size."""
-    grid = (int(grid_mask.shape[0]), int(grid_mask.shape[1]))
-    seed_patch = divmod(seed, grid[1])
-    pixels = grid_mask.repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
-    mask = resize_nearest(unpad(pixels, mined), original).cpu().numpy()
-    seed_box = patch_box(seed_patch, patch_size, original, mined)
-    if not mask.any():  # a patch can fall between pixels when the image is far smaller
-        mask[seed_box[1], seed_box[0]] = True
-    return MinedMask(
-        height=original[0],
-        width=original[1],
-        mask=mask,
-        box=mask_to_box(mask),
-        score=score,
-        seed_patch=seed_patch,
-        seed_box=seed_box,
-        grid=grid,
-        cls_token=cls_token,
-    )
-
-
 def patch_box(
     patch: tuple[int, int], patch_size: int, original: tuple[int, int], mined: tuple[int, int]
 ) -> tuple[int, int, int, int]:
-    """Box (x0, y0, x1, y1) of the original pixels that `resize_nearest` takes from a patch."""
-    y0, y1 = _patch_span(patch[0], patch_size, mined[0], original[0])
-    x0, x1 = _patch_span(patch[1], patch_size, mined[1], original[1])
-    return x0, y0, x1, y1
+    """Box (x0, y0, x1, y1) of the original pixels that nearest upsampling takes from a patch."""
+    y0, y1 = patch_spans(patch_size, mined[0], original[0])[patch[0]]
+    x0, x1 = patch_spans(patch_size, mined[1], original[1])[patch[1]]
+    return int(x0), int(y0), int(x1), int(y1)
 
 
-def _patch_span(index: int, patch_size: int, mined: int, original: int) -> tuple[int, int]:
-    """Original pixels along one axis whose nearest mined pixel lies in patch `index`."""
-    source_patch = nearest_index(mined, original) // patch_size
-    hits = np.flatnonzero(source_patch == index)
-    if hits.size == 0:  # the patch falls between pixels: take the pixel nearest to its centre
-        centre = min(int((index + 0.5) * patch_size * original / mined), original - 1)
-        return centre, centre + 1
-    return int(hits[0]), int(hits[-1]) + 1
+def patch_spans(patch_size: int, mined: int, original: int) -> np.ndarray:
+    """int64 [patches, 2] along one axis: the original pixels [start, stop) whose nearest mined
+    pixel lies in each patch of the padded grid; a patch that falls between pixels gets the
+    pixel nearest to its centre."""
+    source_patch = nearest_index(mined, original) // patch_size  # non-decreasing
+    patches = np.arange(-(-mined // patch_size))
+    start = np.searchsorted(source_patch, patches, side="left")
+    stop = np.searchsorted(source_patch, patches, side="right")
+    centre = np.minimum(
+        ((patches + 0.5) * patch_size * original / mined).astype(np.int64), original - 1
+    )
+    missing = start == stop
+    return np.stack([np.where(missing, centre, start), np.where(missing, centre + 1, stop)], 1)

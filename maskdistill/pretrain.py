@@ -45,6 +45,8 @@ from maskdistill.backbones import (
     to_model_input,
 )
 from maskdistill.config import PretrainConfig
+from maskdistill.data.base import Dataset
+from maskdistill.engine import BatchPlan
 from maskdistill.masks import pad_to_multiple
 from maskdistill.visualize import image_grid
 
@@ -163,6 +165,29 @@ def draw_views(
         for spec in specs
     )
     return ViewDraws(pixels, draws, tuple(spec.size for spec in specs))
+
+
+@dataclass(frozen=True)
+class PretrainBatches:
+    """iteration -> (iteration, this rank's views): drawn in a loader process; rendered there too
+    when `render` (training on a CPU), else on the GPU by the step (`ViewDraws.render`)."""
+
+    dataset: Dataset
+    ids: Sequence[str]
+    crops: MultiCrop
+    plan: BatchPlan
+    render: bool
+
+    def __call__(self, iteration: int) -> tuple[int, ViewDraws | list[Tensor]]:
+        indices = self.plan.indices(iteration)
+        images = [self.dataset.load(self.ids[i]).image for i in indices]
+        draws = draw_views(
+            images, self.crops, indices=indices, iteration=iteration, seed=self.plan.seed
+        )
+        return iteration, draws.render() if self.render else draws
+
+    def image_ids(self, iteration: int) -> list[str]:
+        return [self.ids[i] for i in self.plan.indices(iteration)]
 
 
 def multi_crop_batch(

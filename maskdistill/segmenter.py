@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torch.utils.data import default_collate
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation import DeepLabV3
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
@@ -162,7 +163,7 @@ def segmenter_losses(
     """
     model.train()
     logits = model(images)["out"]
-    return {"loss_seg": hard_pixel_loss(logits, targets, fraction=fraction)}
+    return {"loss_seg": hard_pixel_loss(logits, targets.long(), fraction=fraction)}
 
 
 @torch.no_grad()
@@ -186,6 +187,14 @@ def predict_segmentation(model: nn.Module, image: Tensor) -> Tensor:
 def normalize(image: np.ndarray) -> Tensor:
     """float32 [3, H, W], ImageNet-normalised, from uint8 [H, W, 3] RGB."""
     return to_model_input(torch.from_numpy(np.require(image, requirements=["C", "W"]))[None])[0]
+
+
+def stack_pairs(pairs: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Images float [B, 3, crop, crop] and targets uint8 [B, crop, crop] of `SegmentationSamples`
+    items: labels and IGNORE_INDEX fit a byte, an eighth of int64's trip from a loader process
+    (`segmenter_losses` widens them on the device); stacked straight into shared memory there."""
+    images, targets = default_collate([(image, target.to(torch.uint8)) for image, target in pairs])
+    return images, targets
 
 
 class SegmentationSamples(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
@@ -244,6 +253,9 @@ class SegmentationSamples(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.load(index, variant=self.epoch)
+
+    def image_id(self, index: int) -> str:
+        return str(self.rows[index]["image_id"])
 
     def load(self, index: int, *, variant: int = 0) -> tuple[Tensor, Tensor]:
         """Image float32 [3, crop, crop] (normalised) and target int64 [crop, crop]."""
@@ -318,13 +330,13 @@ def _sampling_grid(
     (height, width), (out_h, out_w) = size, out_size
     ys = torch.arange(out_h, dtype=torch.float64) + 0.5 - out_h / 2
     xs = torch.arange(out_w, dtype=torch.float64) + 0.5 - out_w / 2
-    y, x = torch.meshgrid(ys * height / out_h / zoom, xs * width / out_w / zoom, indexing="ij")
+    y, x = (ys * height / out_h / zoom)[:, None], (xs * width / out_w / zoom)[None, :]
     radians = math.radians(degrees)
     cos, sin = math.cos(radians), math.sin(radians)
-    src_x = cos * x - sin * y + width / 2
-    src_y = sin * x + cos * y + height / 2
-    grid = torch.stack((2 * src_x / width - 1, 2 * src_y / height - 1), dim=-1)
-    return grid.to(torch.float32)[None]
+    grid = torch.empty((1, out_h, out_w, 2), dtype=torch.float32)  # float64 sums, rounded once
+    grid[0, ..., 0] = 2 * (cos * x - sin * y + width / 2) / width - 1
+    grid[0, ..., 1] = 2 * (sin * x + cos * y + height / 2) / height - 1
+    return grid
 
 
 def _offset(rng: np.random.Generator, length: int, crop: int) -> int:

@@ -3,21 +3,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskdistill.backbones import IMAGENET_MEAN, IMAGENET_STD
+from maskdistill.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, to_model_input
 from maskdistill.clustering import (
     FeatureTransform,
     KMeansResult,
     KScore,
+    ObjectFeatures,
     assign,
     choose_k,
     fit_kmeans,
     num_clusters_for,
-    object_view,
+    object_features,
     object_view_native,
     object_views,
+    resize_weights,
     silhouette,
     sweep_k,
 )
+from maskdistill.data.synthetic import SyntheticScenes
 from maskdistill.masks import mask_to_box
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -48,102 +51,140 @@ def _is_permutation_of(labels: np.ndarray, truth: np.ndarray, k: int) -> bool:
 
 # Object views
 
+VIEW_ATOL = 1e-4  # batched views vs the per-object crop + resize (object_views' docstring)
 
+
+def _batch(
+    images: list[np.ndarray], masks: list[np.ndarray], boxes: list[tuple[int, int, int, int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images of mixed sizes as mining hands them over: normalised and zero-padded to the
+    largest, masks likewise, boxes and sizes as long tensors."""
+    height = max(i.shape[0] for i in images)
+    width = max(i.shape[1] for i in images)
+    pixels = torch.zeros(len(images), 3, height, width)
+    padded = torch.zeros(len(images), height, width, dtype=torch.bool)
+    for b, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        h, w = mask.shape
+        pixels[b, :, :h, :w] = to_model_input(torch.from_numpy(image)[None])[0]
+        padded[b, :h, :w] = torch.from_numpy(mask)
+    sizes = torch.tensor([m.shape for m in masks])
+    return pixels, padded, torch.tensor(boxes), sizes
+
+
+def _reference_view(
+    image: np.ndarray, mask: np.ndarray, box: tuple[int, ...], mode: str, size: int
+) -> torch.Tensor:
+    """The per-object CPU view the batched one replaced: crop (or masked image), normalise,
+    F.interpolate(bilinear, antialias) to size x size."""
+    normalised = to_model_input(torch.from_numpy(image)[None])[0]
+    if mode == "crop":
+        x0, y0, x1, y1 = box
+        view = normalised[:, y0:y1, x0:x1]
+    else:
+        view = torch.where(torch.from_numpy(mask), normalised, 0.0)
+    return F.interpolate(view[None], size=(size, size), mode="bilinear", antialias=True)[0]
+
+
+def _objects() -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[int, int, int, int]]]:
+    """Random and synthetic-scene images of mixed sizes, each with a mask and its box: crops
+    from 3 x 4 (upscaled) to 60 x 90 (downscaled)."""
+    scenes = SyntheticScenes(num_images=2, image_size=(60, 90), seed=1)
+    images = [_image(40, 50), _image(25, 70, seed=1)]
+    images += [scenes.load(i).image for i in scenes.image_ids()]
+    masks = []
+    for b, (y0, x0, y1, x1) in enumerate([(7, 5, 27, 30), (2, 10, 5, 14), (0, 0, 60, 90)]):
+        mask = np.zeros(images[b].shape[:2], dtype=bool)
+        mask[y0:y1, x0:x1] = True
+        masks.append(mask)
+    masks.append(scenes.load(scenes.image_ids()[1]).semantic > 0)
+    return images, masks, [mask_to_box(m) for m in masks]
+
+
+@pytest.mark.parametrize("mode", ["crop", "masked"])
 @pytest.mark.parametrize("size", [16, 64])
-def test_crop_view_equals_manual_crop_resize_normalise(size: int) -> None:
-    image = _image(40, 50)
-    box = (5, 7, 30, 27)  # 25 wide, 20 high: swapped axes or off-by-one edges would differ
-    mask = np.zeros((40, 50), dtype=bool)
-    mask[10:20, 8:25] = True
-    crop = torch.from_numpy(image[7:27, 5:30]).permute(2, 0, 1).float() / 255.0
-    resized = F.interpolate(
-        crop[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
-    )[0]
-    expected = (resized - MEAN) / STD
-    view = object_view(image, mask, box, mode="crop", size=size)
-    assert view.shape == (3, size, size) and view.dtype == torch.float32
-    torch.testing.assert_close(view, expected, atol=1e-5, rtol=0)
+def test_batched_views_equal_the_per_object_crop_and_resize(mode: str, size: int) -> None:
+    images, masks, boxes = _objects()
+    views = object_views(*_batch(images, masks, boxes), mode=mode, size=size)
+    assert views.shape == (4, 3, size, size) and views.dtype == torch.float32
+    for b in range(4):
+        expected = _reference_view(images[b], masks[b], boxes[b], mode, size)
+        assert (views[b] - expected).abs().max() <= VIEW_ATOL
+
+
+def test_batched_features_equal_the_per_object_ones_within_the_tolerance() -> None:
+    vit = build_backbone("test_vit")
+    images, masks, boxes = _objects()
+    spec = ObjectFeatures(backbone=vit, mode="crop", size=32)
+    with torch.no_grad():
+        features = object_features(spec, *_batch(images, masks, boxes))
+        expected = vit.cls_features(
+            torch.stack(
+                [
+                    _reference_view(*obj, "crop", 32)
+                    for obj in zip(images, masks, boxes, strict=True)
+                ]
+            )
+        )
+    assert features.shape == (4, 64)
+    assert (features - expected).abs().max() <= 1e-4  # mining's FEATURE_ATOL
+    assert F.cosine_similarity(features, expected).min() >= 0.9999
+
+
+def test_resize_weights_golden() -> None:
+    # 4 pixels -> 2: scale 2, centres 1 and 3, pixel t weighs 1 - |t + 0.5 - c| / 2:
+    # output 0: 0.75, 0.75, 0.25, 0 (sum 1.75); output 1: 0, 0.25, 0.75, 0.75. Placed at
+    # pixel 1 of an axis of 6, the weights shift by one and the rest stay 0.
+    weights = resize_weights(torch.tensor([1]), torch.tensor([4]), 2, 6)
+    expected = torch.tensor([[0, 3, 3, 1, 0, 0], [0, 0, 1, 3, 3, 0]]) / 7
+    torch.testing.assert_close(weights[0], expected.float())
+    # 2 pixels -> 4 (upscaling): plain bilinear, edges clamped: 1, 3/4 + 1/4, 1/4 + 3/4, 1
+    up = resize_weights(torch.tensor([0]), torch.tensor([2]), 4, 2)
+    torch.testing.assert_close(up[0], torch.tensor([[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]]))
 
 
 def test_crop_view_of_constant_colour_is_its_normalised_value() -> None:
     image = np.full((30, 30, 3), (255, 0, 128), dtype=np.uint8)
     mask = np.ones((30, 30), dtype=bool)
-    view = object_view(image, mask, (3, 4, 20, 25), mode="crop", size=8)
+    view = object_views(*_batch([image], [mask], [(3, 4, 20, 25)]), mode="crop", size=8)[0]
     expected = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(
         IMAGENET_STD
     )
     torch.testing.assert_close(view, expected.view(3, 1, 1).expand(3, 8, 8), atol=1e-5, rtol=0)
 
 
-def test_masked_view_zeroes_outside_mask_and_keeps_inside() -> None:
+def test_masked_view_at_its_own_size_zeroes_outside_and_keeps_inside() -> None:
     image = _image(32, 32, seed=1)
     mask = np.random.default_rng(2).random((32, 32)) > 0.5
-    view = object_view(image, mask, mask_to_box(mask), mode="masked", size=32)
+    view = object_views(*_batch([image], [mask], [mask_to_box(mask)]), mode="masked", size=32)[0]
     outside = torch.from_numpy(~mask)
-    assert bool((view[:, outside] == 0).all())
+    assert bool((view[:, outside].abs() <= 1e-6).all())
     normalised = (torch.from_numpy(image).permute(2, 0, 1).float() / 255.0 - MEAN) / STD
-    torch.testing.assert_close(view[:, ~outside], normalised[:, ~outside], atol=1e-6, rtol=0)
-
-
-def test_masked_view_with_full_mask_is_the_crop_of_the_whole_image() -> None:
-    image = _image(24, 40, seed=3)
-    mask = np.ones((24, 40), dtype=bool)
-    box = (0, 0, 40, 24)
-    masked = object_view(image, mask, box, mode="masked", size=20)
-    cropped = object_view(image, mask, box, mode="crop", size=20)
-    assert masked.shape == (3, 20, 20)
-    torch.testing.assert_close(masked, cropped)
+    torch.testing.assert_close(view[:, ~outside], normalised[:, ~outside], atol=1e-5, rtol=0)
 
 
 def test_masked_view_resized_blends_towards_zero_outside() -> None:
     image = np.full((64, 64, 3), 255, dtype=np.uint8)
     mask = np.zeros((64, 64), dtype=bool)
     mask[:, :32] = True
-    view = object_view(image, mask, mask_to_box(mask), mode="masked", size=16)
+    view = object_views(*_batch([image], [mask], [mask_to_box(mask)]), mode="masked", size=16)[0]
     white = (1.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     torch.testing.assert_close(view[:, :, 0], white.view(3, 1).expand(3, 16), atol=1e-5, rtol=0)
     assert bool((view[:, :, -1] == 0).all())
 
 
-def test_object_views_stacks_single_views() -> None:
-    images = [_image(20, 30, seed=4), _image(50, 40, seed=5)]
-    masks = [np.zeros((20, 30), dtype=bool), np.zeros((50, 40), dtype=bool)]
-    masks[0][2:10, 3:12] = True
-    masks[1][10:45, 5:30] = True
-    boxes = [mask_to_box(m) for m in masks]
-    for mode in ("crop", "masked"):
-        batch = object_views(images, masks, boxes, mode=mode, size=24)
-        assert batch.shape == (2, 3, 24, 24)
-        for i in range(2):
-            torch.testing.assert_close(
-                batch[i], object_view(images[i], masks[i], boxes[i], mode=mode, size=24)
-            )
-    assert object_views([], [], [], mode="crop", size=24).shape == (0, 3, 24, 24)
-
-
-def test_object_views_rejects_mismatched_lengths() -> None:
-    mask = np.ones((8, 8), dtype=bool)
-    with pytest.raises(ValueError, match="2 images, 1 masks and 2 boxes"):
-        object_views([_image(8, 8)] * 2, [mask], [(0, 0, 8, 8)] * 2, mode="crop")
-
-
-def test_object_view_rejects_bad_mode_box_and_mask() -> None:
-    image = _image(10, 10)
-    mask = np.ones((10, 10), dtype=bool)
+def test_object_features_reject_bad_mode_crop_and_box() -> None:
+    vit = build_backbone("test_vit")
     with pytest.raises(ValueError, match=r"'cropped'.*allowed: crop, masked"):
-        object_view(image, mask, (0, 0, 10, 10), mode="cropped")
-    with pytest.raises(ValueError, match="allowed: crop, masked"):
-        object_views([image], [mask], [(0, 0, 10, 10)], mode="mask")
+        ObjectFeatures(backbone=vit, mode="cropped")
+    with pytest.raises(ValueError, match=r"unknown crop 'square'; allowed: resize, native"):
+        ObjectFeatures(backbone=vit, mode="crop", crop="square")
+    image, mask = torch.zeros(3, 10, 10), torch.ones(10, 10, dtype=torch.bool)
     with pytest.raises(ValueError, match="outside the 10x10 image"):
-        object_view(image, mask, (0, 0, 11, 10), mode="crop")
+        object_view_native(image, mask, (0, 0, 11, 10), mode="crop", patch_size=8)
     with pytest.raises(ValueError, match="empty or outside"):
-        object_view(image, mask, (4, 0, 4, 10), mode="crop")
-    with pytest.raises(ValueError, match="does not match image size"):
-        object_view(image, np.ones((10, 9), dtype=bool), (0, 0, 9, 10), mode="masked")
-    with pytest.raises(ValueError, match="mask is empty"):
-        object_view(image, np.zeros((10, 10), dtype=bool), (0, 0, 10, 10), mode="masked")
-    with pytest.raises(ValueError, match="uint8"):
-        object_view(image.astype(np.float32), mask, (0, 0, 10, 10), mode="crop")
+        object_view_native(image, mask, (4, 0, 4, 10), mode="crop", patch_size=8)
+    with pytest.raises(ValueError, match="need images"):
+        object_views(image[None], mask, torch.zeros(1, 4), torch.zeros(1, 2), mode="crop")
 
 
 # K-means
@@ -362,7 +403,8 @@ def test_native_view_keeps_the_resolution_and_pads_with_the_mean(mode: str) -> N
     mask = np.zeros((20, 30), dtype=bool)
     mask[6:17, 4:19] = True
     box = (3, 5, 20, 18)  # 17 x 13 (w x h)
-    view = object_view_native(image, mask, box, mode=mode, patch_size=8)
+    normalised = to_model_input(torch.from_numpy(image)[None])[0]
+    view = object_view_native(normalised, torch.from_numpy(mask), box, mode=mode, patch_size=8)
     height, width = (13, 17) if mode == "crop" else (20, 30)
     assert view.shape == (3, -(-height // 8) * 8, -(-width // 8) * 8)  # 16 x 24 or 24 x 32
     pixels = image[5:18, 3:20] if mode == "crop" else image

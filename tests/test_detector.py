@@ -231,9 +231,9 @@ def test_mask_targets_golden(rows: list[dict[str, Any]], scenes: SyntheticScenes
     for i, row in enumerate(rows):
         image, target = targets[i]
         mask = decoded(row)
-        assert image.dtype == torch.float32 and image.shape == (3, *SIZE)
-        expected = torch.from_numpy(scenes.load(row["image_id"]).image).permute(2, 0, 1) / 255
-        assert torch.allclose(image, expected)
+        assert image.dtype == torch.uint8 and image.shape == (3, *SIZE)  # scaled on the device
+        expected = torch.from_numpy(scenes.load(row["image_id"]).image).permute(2, 0, 1)
+        assert torch.equal(image, expected)
         assert target["labels"].tolist() == [row["cluster"] + 1]
         assert target["labels"].dtype == torch.int64
         assert target["boxes"].dtype == torch.float32
@@ -318,3 +318,20 @@ def test_a_trained_detector_loads_without_reading_its_init_weights(
     )
     assert type(structure.backbone.body.bn1) is FrozenBatchNorm2d
     structure.load_state_dict(trained.state_dict())  # strict: the same layers
+
+
+def test_uint8_images_give_the_losses_of_the_same_images_in_0_to_1(
+    rows: list[dict[str, Any]], scenes: SyntheticScenes
+) -> None:
+    """Loader processes send uint8 (a quarter of float32's bytes); the step scales them."""
+    torch.manual_seed(0)
+    model = build_detector(**SMALL)
+    images, targets = collate([MaskTargets(rows, scenes, hflip=False)[i] for i in (0, 1)])
+    assert all(image.dtype == torch.uint8 for image in images)
+    torch.manual_seed(1)  # the RPN and box heads sample proposals
+    from_bytes = detector_losses(model, images, targets)
+    torch.manual_seed(1)
+    from_floats = detector_losses(model, [image / 255.0 for image in images], targets)
+    assert from_bytes.keys() == from_floats.keys()
+    for name, value in from_bytes.items():
+        assert torch.allclose(value, from_floats[name]), name

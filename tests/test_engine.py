@@ -14,7 +14,6 @@ from maskdistill.engine import (
     CurveWriter,
     MetricsLog,
     NonFiniteLoss,
-    Prefetch,
     Throughput,
     TrainSpec,
     batch_indices,
@@ -170,23 +169,6 @@ def test_non_finite_loss_stops_with_the_iteration(tmp_path: Path) -> None:
     )
     with pytest.raises(NonFiniteLoss, match="iteration 3.*'bad': nan"):
         train(model, optimizer, build_scheduler(optimizer, SCHEDULE), spec)
-
-
-def test_prefetch_reads_ahead_but_never_past_the_end() -> None:
-    asked: list[int] = []
-
-    def load(iteration: int) -> int:
-        asked.append(iteration)
-        return 10 * iteration
-
-    prefetch = Prefetch(load, 2, stop=4)
-    assert [prefetch(i) for i in range(4)] == [0, 10, 20, 30]
-    prefetch.pool.shutdown(wait=True)
-    assert sorted(asked) == [0, 1, 2, 3], "each iteration loaded once, none at or past stop"
-    unbounded = Prefetch(load, 2)
-    assert unbounded(5) == 50
-    unbounded.pool.shutdown(wait=True)
-    assert sorted(asked[4:]) == [5, 6, 7]
 
 
 def _steps(log: list[dict[str, Any]]) -> list[dict[str, Any]]:

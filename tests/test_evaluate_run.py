@@ -82,6 +82,7 @@ def test_linear_probe_is_scored_in_the_single_pass_over_val(
                 "data.synthetic.image_size=[32, 48]",
                 "evaluation.resources.num_gpus=0",
                 "evaluation.resources.batch_size=3",
+                "evaluation.resources.loader_workers=0",  # loads counted in this process
                 "evaluation.linear_probe=true",
                 "evaluation.probe_epochs=1",
                 "evaluation.mask_ap=false",

@@ -3,15 +3,30 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
+from maskdistill.backbones import build_backbone, to_model_input
+from maskdistill.clustering import ObjectFeatures
+from maskdistill.masks import (
+    encode_rle,
+    mask_to_box,
+    nearest_index,
+    pad_to_multiple,
+    resize_nearest,
+)
 from maskdistill.mining import (
     attention_share,
     component_of,
+    mask_boxes,
+    masks_and_seeds,
     mine_images,
     mined_size,
     object_masks,
+    original_masks,
 )
+
+FEATURE_ATOL = 1e-4  # the stated tolerance of batched object features (clustering.object_views)
 
 
 def _qk(*patch_keys: list[float], cls_query: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,3 +271,124 @@ def test_attention_share_never_exceeds_one_by_rounding() -> None:
     k = torch.randn(64, 6, 1 + 400, 64, generator=generator)
     share = attention_share(q, k, torch.ones(64, 20, 20, dtype=torch.bool), None)
     assert (share <= 1.0).all() and (share >= 0.0).all()
+
+
+# The batched device path against the per-image one it replaced
+
+
+def _reference_span(index: int, patch_size: int, mined: int, original: int) -> tuple[int, int]:
+    """The per-image seed-box rule, written plainly: original pixels whose nearest mined pixel
+    lies in patch `index`, else the pixel nearest the patch's centre."""
+    hits = np.flatnonzero(nearest_index(mined, original) // patch_size == index)
+    if hits.size == 0:
+        centre = min(int((index + 0.5) * patch_size * original / mined), original - 1)
+        return centre, centre + 1
+    return int(hits[0]), int(hits[-1]) + 1
+
+
+def _reference_original(
+    grid_mask: np.ndarray, seed: int, original: tuple[int, int], mined: tuple[int, int], ps: int
+) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
+    """One image the old way: patch mask -> pixels of the padded input -> unpadded mined size
+    -> original size (nearest), the seed pixel if nothing is left; its box and seed box."""
+    pixels = np.kron(grid_mask, np.ones((ps, ps), dtype=bool))[: mined[0], : mined[1]]
+    mask = resize_nearest(pixels, original)
+    row, col = divmod(seed, grid_mask.shape[1])
+    y0, y1 = _reference_span(row, ps, mined[0], original[0])
+    x0, x1 = _reference_span(col, ps, mined[1], original[1])
+    if not mask.any():
+        mask[y0, x0] = True
+    return mask, mask_to_box(mask), (x0, y0, x1, y1)
+
+
+@pytest.mark.parametrize("mined", [(32, 48), (40, 40), (64, 96)])
+def test_original_masks_equal_the_per_image_upsampling(mined: tuple[int, int]) -> None:
+    # Originals of several sizes (smaller, larger, a far smaller one) mined at one size, with
+    # padding to the batch's largest: masks, boxes and seed boxes must be exactly the old ones.
+    originals = [(30, 45), (50, 70), (33, 50), (3, 5), (64, 96)]
+    patch_size = 8
+    grid = (-(-mined[0] // patch_size), -(-mined[1] // patch_size))
+    generator = torch.Generator().manual_seed(sum(mined))
+    grid_masks = torch.rand(len(originals), *grid, generator=generator) > 0.7
+    seeds = torch.randint(0, grid[0] * grid[1], (len(originals),), generator=generator)
+    grid_masks.view(len(originals), -1)[torch.arange(len(originals)), seeds] = True
+    extent = (70, 100)
+    masks, seed_boxes = original_masks(grid_masks, seeds, originals, mined, patch_size, extent)
+    boxes = mask_boxes(masks)
+    assert masks.shape == (len(originals), 100, 70)  # transposed: [B, W, H]
+    for b, (h, w) in enumerate(originals):
+        mask, box, seed_box = _reference_original(
+            grid_masks[b].numpy(), int(seeds[b]), (h, w), mined, patch_size
+        )
+        np.testing.assert_array_equal(masks[b, :w, :h].T.numpy(), mask)
+        assert not masks[b, w:].any() and not masks[b, :, h:].any()  # padding stays empty
+        assert tuple(boxes[b].tolist()) == box
+        assert tuple(seed_boxes[b].tolist()) == seed_box
+
+
+def test_a_mask_no_original_pixel_sees_falls_back_to_the_seed_pixel() -> None:
+    # A 2x2 image mined at 32x32 (grid 4x4, 8 px patches): original pixel y takes mined pixel
+    # floor((y + 0.5) * 16) = 8, 24, i.e. patch rows/cols 1 and 3. A mask of patch (0, 0) alone
+    # is seen by no pixel; its seed box: patch 0 has no pixel, the one nearest its centre is
+    # floor(0.5 * 8 * 2 / 32) = 0, so (0, 0, 1, 1), and the mask becomes that pixel.
+    grid_masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    grid_masks[0, 0, 0] = True
+    masks, seed_boxes = original_masks(grid_masks, torch.tensor([0]), [(2, 2)], (32, 32), 8, (2, 2))
+    assert masks[0].T.tolist() == [[True, False], [False, False]]
+    assert seed_boxes[0].tolist() == [0, 0, 1, 1]
+    assert mask_boxes(masks)[0].tolist() == [0, 0, 1, 1]
+
+
+def _reference_view(image: np.ndarray, mask: np.ndarray, box: tuple[int, ...], size: int):
+    """The old per-object CPU view: the box crop, normalised, resized (bilinear, antialias)."""
+    x0, y0, x1, y1 = box
+    crop = to_model_input(torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1]))[None])
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
+
+
+def test_mine_images_equals_the_per_image_path_on_mixed_sizes() -> None:
+    # One batch: two mined sizes (32x48 from 40x60 and 48x72, padded to 32x48; 46x32 from
+    # 53x37) and a small 20x20 image upscaled to 32x32, so the original-size masks are padded
+    # to 53x72. Masks (and their RLE), boxes, seed boxes must equal the per-image path exactly;
+    # features (crop views, batched on the device) within the stated tolerance.
+    backbone = build_backbone("test_vit")
+    rng = np.random.default_rng(0)
+    shapes = [(40, 60), (53, 37), (48, 72), (20, 20)]
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    features = ObjectFeatures(backbone=backbone, mode="crop", size=32)
+    mined = mine_images(backbone, images, short_side=32, top_k=0.4, features=features)
+    sizes = [mined_size(h, w, 32) for h, w in shapes]
+    assert sizes == [(32, 48), (46, 32), (32, 48), (32, 32)]
+    with torch.no_grad():
+        for size in dict.fromkeys(sizes):  # the same forward passes, then per image the old way
+            members = [i for i, s in enumerate(sizes) if s == size]
+            batch = torch.cat(
+                [
+                    F.interpolate(
+                        to_model_input(torch.from_numpy(images[i])[None]),
+                        size=size,
+                        mode="bilinear",
+                        antialias=True,
+                    )
+                    for i in members
+                ]
+            )
+            out = backbone(pad_to_multiple(batch, 16))
+            grid_masks, seeds = masks_and_seeds(
+                out.q, out.k, out.grid, top_k=0.4, cls_heads=None, seed_component=True
+            )
+            scores = attention_share(out.q, out.k, grid_masks, None)
+            for row, i in enumerate(members):
+                mask, box, seed_box = _reference_original(
+                    grid_masks[row].numpy(), int(seeds[row]), shapes[i], size, 16
+                )
+                np.testing.assert_array_equal(mined[i].mask, mask)
+                assert encode_rle(mined[i].mask) == encode_rle(mask)
+                assert (mined[i].box, mined[i].seed_box) == (box, seed_box)
+                assert mined[i].seed_patch == divmod(int(seeds[row]), out.grid[1])
+                assert mined[i].score == pytest.approx(float(scores[row]), abs=1e-6)
+                np.testing.assert_allclose(mined[i].cls_token, out.cls_token[row], atol=1e-6)
+                expected = backbone.cls_features(_reference_view(images[i], mask, box, 32)[None])
+                feature = mined[i].feature
+                assert feature is not None
+                assert np.abs(feature - expected[0].numpy()).max() <= FEATURE_ATOL

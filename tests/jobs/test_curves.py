@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from jobs import training
 from jobs.training import Worker, fit_workers
 from maskdistill.engine import MetricsLog
+from maskdistill.loader import SampleBatches
 from maskdistill.rundir import RunDir
 from tests.jobs.conftest import tiny_config
 
@@ -25,10 +26,23 @@ SEGMENTER = (
     "segmenter.resources.num_workers=2",
     "segmenter.resources.cpus_per_worker=0.5",
     "segmenter.resources.use_gpu=false",
-    "segmenter.resources.loader_threads=1",
+    "segmenter.resources.loader_workers=0",
     "segmenter.resources.log_every=2",
 )
 MAX_ITERS = 6
+
+
+class Rows:
+    """Sample i is the row index i of the linear model's data."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def load(self, index: int, *, variant: int = 0) -> int:
+        return index
+
+    def image_id(self, index: int) -> str:
+        return f"row{index}"
 
 
 def _loop(loop_config: dict[str, Any]) -> None:
@@ -41,8 +55,7 @@ def _loop(loop_config: dict[str, Any]) -> None:
     target = data.sum(1, keepdim=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
 
-    def batch_at(iteration: int) -> list[int]:
-        return worker.indices(iteration, global_batch=section.batch_size, num_samples=16)
+    plan = worker.plan(global_batch=section.batch_size, num_samples=16)
 
     def losses(m: torch.nn.Module, batch: list[int]) -> dict[str, torch.Tensor]:
         return {"mse": ((m(data[batch]) - target[batch]) ** 2).mean()}
@@ -55,7 +68,7 @@ def _loop(loop_config: dict[str, Any]) -> None:
         torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5),
         max_iters=MAX_ITERS,
         checkpoint_every=3,
-        batch_at=batch_at,
+        batches=SampleBatches(Rows(), plan, list),
         losses=losses,
     )
 

@@ -34,7 +34,7 @@ PRETRAIN = (
     "pretrain.resources.num_workers=2",
     "pretrain.resources.cpus_per_worker=1",
     "pretrain.resources.use_gpu=false",
-    "pretrain.resources.loader_threads=1",
+    "pretrain.resources.loader_workers=1",
     "pretrain.resources.max_failures=1",
     "pretrain.attention_images=2",
 )

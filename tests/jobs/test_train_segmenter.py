@@ -41,7 +41,7 @@ SEGMENTER = (
     "segmenter.resources.use_gpu=false",
     "segmenter.epochs=3",
     "segmenter.schedule={base_lr: 0.004, reference_batch: 4, milestones: [2]}",
-    "segmenter.resources.loader_threads=1",
+    "segmenter.resources.loader_workers=1",
     "segmenter.resources.max_failures=1",
 )
 
