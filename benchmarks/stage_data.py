@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from jpeg_folder import NUM_CLASSES, JpegFolder  # a sibling script, as the benchmarks run
 
-from maskdistill.config import ExperimentConfig, PretrainConfig
+from maskdistill.config import ExperimentConfig, PretrainConfig, load_config
 from maskdistill.detector import MaskTargets, collate
 from maskdistill.engine import BatchPlan
 from maskdistill.loader import BatchLoader, SampleBatches
@@ -134,16 +135,27 @@ def loader_rate(
 
 def timed_stage(
     run_stage: Callable[[ExperimentConfig], Any],
-    config: ExperimentConfig,
+    overrides: dict[str, Any],
     *,
     stage: str,
     warmup: int,
     batch_size: int,
+    workers: int,
+    bf16: bool,
     cuda: bool,
 ) -> float:
-    """The `stage` row: run the real stage on a local Ray, its images/s from its log."""
+    """The `stage` row: run the real stage (its section `stage`) on a local Ray with `overrides`
+    plus its precision and resources, its images/s from its log."""
     import ray
 
+    overrides = {
+        **overrides,
+        f"{stage}.precision": "bf16" if bf16 else "fp32",
+        f"{stage}.resources.use_gpu": str(cuda).lower(),
+        f"{stage}.resources.cpus_per_worker": min(os.cpu_count() or 1, workers + 1),
+        f"{stage}.resources.loader_workers": workers,
+    }
+    config = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
     if cuda:
         torch.cuda.empty_cache()  # the step rows' cached blocks, for the stage's process
     ray.init(include_dashboard=False, log_to_driver=False)

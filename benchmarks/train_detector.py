@@ -23,7 +23,6 @@ The first quarter of the iterations is warm-up and not timed. Targets (issue 15)
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,7 +32,6 @@ import jpeg_folder  # sibling scripts: run this file as a script, as documented
 import stage_data
 import torch
 
-from maskdistill.config import load_config
 from maskdistill.detector import build_detector, detector_losses
 from maskdistill.engine import trainable
 
@@ -100,18 +98,15 @@ def stage_rate(args: argparse.Namespace, folder: jpeg_folder.JpegFolder) -> floa
             "detector.max_iters": args.iters + warmup + 1,
             "detector.checkpoint_every": 10_000,
             "detector.schedule": "{base_lr: 0.001, warmup_iters: 0, milestones: []}",
-            "detector.precision": "bf16" if args.bf16 else "fp32",
-            "detector.resources.use_gpu": str(cuda).lower(),
-            "detector.resources.cpus_per_worker": min(os.cpu_count() or 1, args.workers + 1),
-            "detector.resources.loader_workers": args.workers,
         }
-        config = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
         return stage_data.timed_stage(
             train_detector.run_stage,
-            config,
+            overrides,
             stage="detector",
             warmup=warmup,
             batch_size=args.batch,
+            workers=args.workers,
+            bf16=args.bf16,
             cuda=cuda,
         )
 

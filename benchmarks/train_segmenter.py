@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,7 +32,6 @@ import jpeg_folder  # sibling scripts: run this file as a script, as documented
 import stage_data
 import torch
 
-from maskdistill.config import load_config
 from maskdistill.engine import trainable
 from maskdistill.segmenter import build_segmenter, segmenter_losses
 
@@ -98,18 +96,15 @@ def stage_rate(args: argparse.Namespace, folder: jpeg_folder.JpegFolder) -> floa
             "segmenter.epochs": epochs,
             "segmenter.checkpoint_every_epochs": epochs,
             "segmenter.schedule": f"{{base_lr: 0.002, reference_batch: {args.batch}}}",
-            "segmenter.precision": "bf16" if args.bf16 else "fp32",
-            "segmenter.resources.use_gpu": str(cuda).lower(),
-            "segmenter.resources.cpus_per_worker": min(os.cpu_count() or 1, args.workers + 1),
-            "segmenter.resources.loader_workers": args.workers,
         }
-        config = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
         return stage_data.timed_stage(
             train_segmenter.run_stage,
-            config,
+            overrides,
             stage="segmenter",
             warmup=warmup,
             batch_size=args.batch,
+            workers=args.workers,
+            bf16=args.bf16,
             cuda=cuda,
         )
 
