@@ -3,21 +3,23 @@ against ground truth on the labelled val split.
 
     python -m jobs.evaluate --config configs/pascal.yaml [--set evaluation.crf=true]
 
-The work is `maskdistill.evaluate.evaluate` (its docstring lists the rows and files). It runs
-as one Ray task holding `evaluation.resources.num_gpus` GPUs, so a driver on a CPU head node
-sends it to a GPU worker.
+The work is `maskdistill.evaluate.evaluate_stream` (the module's docstring lists the rows and
+files). It runs as one Ray generator task holding `evaluation.resources.num_gpus` GPUs, so a
+driver on a CPU head node sends it to a GPU worker; it sends each shard's skipped images back
+as it goes, then the metrics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import ray
 
 from jobs.common import connect, execute_stage, start
 from maskdistill.config import ExperimentConfig
 from maskdistill.console import PROGRESS_FILE, follow
-from maskdistill.evaluate import evaluate
+from maskdistill.evaluate import Evaluated, evaluate_stream
 from maskdistill.outputs import TABLE1_FILE
 from maskdistill.rundir import RunDir, StageManifest
 from maskdistill.stages import EVALUATE
@@ -27,12 +29,23 @@ STAGE = EVALUATE
 
 def _body(config: ExperimentConfig, manifest: StageManifest) -> None:
     res = config.evaluation.resources
-    task = ray.remote(num_gpus=res.num_gpus, num_cpus=res.num_cpus)(evaluate)
+    # a generator task: each shard's skips reach the manifest as they come, then the result
+    task = ray.remote(num_gpus=res.num_gpus, num_cpus=res.num_cpus)(evaluate_stream)
+    skipped, result = 0, None
     with follow(RunDir(config.run_dir).uri_of(STAGE, PROGRESS_FILE)):  # the task's bar
-        metrics, skipped, scored = ray.get(task.remote(config))
-    for image_id, reason in skipped:
-        manifest.skip(image_id, reason)
-    manifest.inputs, manifest.outputs = scored + len(skipped), scored
+        stream = cast(ray.ObjectRefGenerator, task.remote(config))  # Ray's stub: an ObjectRef
+        for ref in stream:
+            item = ray.get(ref)
+            if isinstance(item, Evaluated):
+                result = item
+                continue
+            for image_id, reason in item:
+                manifest.skip(image_id, reason)
+            skipped += len(item)
+    if result is None:
+        raise RuntimeError(f"stage {STAGE}: the evaluation task ended without its metrics")
+    manifest.inputs, manifest.outputs = result.scored + skipped, result.scored
+    metrics = result.metrics
     manifest.metrics.update({f"miou {k}": v["miou"] for k, v in metrics.items() if "miou" in v})
 
 

@@ -6,9 +6,10 @@ Image ids are cut into shards of `mining.shard_size`; CPU tasks decode, a pool o
 `mining.resources.concurrency` actors with `resources.num_gpus` GPUs each runs the ViT and the
 mask math on batches of `resources.batch_size`, and the driver writes each finished shard as
 `run_dir/mine/<split>/part-NNNNN.parquet` (schema `maskdistill.outputs.MASK_SCHEMA`). A rerun
-after a crash mines only the shards without a part. Unreadable images are skipped and counted,
-with their reasons, in `mine/manifest.json`. With `mining.source: ground_truth` (an upper-bound
-diagnostic) the actors write each image's largest labelled object instead, with no ViT.
+after a crash mines only the shards without a part. Unreadable images are skipped, counted per
+reason in `mine/manifest.json` and listed in `mine/skipped.parquet`. With `mining.source:
+ground_truth` (an upper-bound diagnostic) the actors write each image's largest labelled object
+instead, with no ViT.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from maskdistill.outputs import (
     backbone_weights,
     mined_folder,
     mined_splits,
-    read_mined,
 )
+from maskdistill.rows import first_rows
 from maskdistill.rundir import RunDir, StageManifest
+from maskdistill.shards import part_uris
 from maskdistill.stages import MINE
 from maskdistill.visualize import image_grid, mask_tile, png_bytes
 
@@ -201,7 +203,7 @@ def run_stage(
 
 def write_preview(config: ExperimentConfig, run: RunDir, split: str, count: int) -> str:
     """A grid of the first `count` images of `split`: mask in colour, seed patch boxed."""
-    table = read_mined(run, split).slice(0, count).to_pylist()
+    table = first_rows(part_uris(run, mined_folder(split)), count)
     dataset = dataset_of(config.data, split)
     tiles = [
         mask_tile(

@@ -23,23 +23,22 @@ from maskdistill.data.base import SkipLog, iter_samples
 from maskdistill.engine import build_scheduler, scaled_lr, trainable, unwrap
 from maskdistill.inference import segmenter_from_config
 from maskdistill.loader import SampleBatches
-from maskdistill.outputs import REFINED_SCHEMA, class_map, read_pseudo, write_weights
+from maskdistill.outputs import class_map, pseudo_folder, write_weights
+from maskdistill.rows import ShardedRows, row_groups, windowed
 from maskdistill.rundir import RunDir
 from maskdistill.segmenter import SegmentationSamples, segmenter_losses, stack_pairs
 from maskdistill.selection import BEST_ON_VAL, Selection, val_miou
-from maskdistill.shards import read_parts
+from maskdistill.shards import part_uris
 from maskdistill.stages import SEGMENTER
 
 
-def training_rows(
-    config: ExperimentConfig, run: RunDir, labels: str | None = None
-) -> list[dict[str, Any]]:
-    """The pseudo labels of the train split, one row per image: distill's, or the parts under
-    `labels` (a CRF self-training round's, `outputs.refined_folder`)."""
-    columns = ["image_id", "label_png"]
-    if labels is not None:
-        return read_parts(run, labels, REFINED_SCHEMA, columns).to_pylist()
-    return read_pseudo(run, config.data.train_split, columns).to_pylist()
+def training_rows(config: ExperimentConfig, run: RunDir, labels: str | None = None) -> ShardedRows:
+    """The pseudo labels of the train split, one row per image, read a row group at a time:
+    distill's, or the parts under `labels` (a CRF self-training round's,
+    `outputs.refined_folder`)."""
+    folder = pseudo_folder(config.data.train_split) if labels is None else labels
+    groups = row_groups(part_uris(run, folder))
+    return windowed(groups, ["image_id", "label_png"], window=config.segmenter.shuffle_window)
 
 
 def iteration_schedule(config: ExperimentConfig, num_images: int) -> tuple[int, int, LRSchedule]:
@@ -59,7 +58,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     folder, labels = loop_config.get("folder", SEGMENTER), loop_config.get("labels")
     worker = Worker.start(loop_config, seg)
     config, run, device = worker.config, worker.run, worker.device
-    rows = training_rows(config, run, labels)
+    rows = loop_config["rows"]
     per_epoch, max_iters, schedule = iteration_schedule(config, len(rows))
     classes = class_map(run)
     model = ray.train.torch.prepare_model(
@@ -82,7 +81,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         augment=seg.augment,
     )
 
-    plan = worker.plan(global_batch=seg.batch_size, num_samples=len(samples))
+    plan = worker.plan(
+        global_batch=seg.batch_size, num_samples=len(samples), window=seg.shuffle_window
+    )
 
     def losses(model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         images, targets = batch
@@ -158,7 +159,7 @@ def train_on(
     """Train (or resume) the segmenter with checkpoints under `folder`, on distill's pseudo
     labels or the parts under `labels`; export `<folder>/model.pt`. (losses, iterations)."""
     run = RunDir(config.run_dir)
-    extra = {"folder": folder, "labels": labels}
+    extra = {"folder": folder, "labels": labels, "rows": training_rows(config, run, labels)}
     losses = fit_stage(train_loop_per_worker, config, folder, config.segmenter, hooks, extra)
     classes = class_map(run)
     state = export_weights(

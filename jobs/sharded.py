@@ -2,8 +2,9 @@
 
 CPU tasks decode images by id; a pool of actors (GPU models) turns each batch into one output
 row per image; the driver writes every shard as soon as all of its images are back, so a rerun
-after a crash only processes the shards without a part. Unreadable images are counted with
-their reasons in the stage manifest. Rows are joined by `image_id`, never by position.
+after a crash only processes the shards without a part. Unreadable images are counted per
+reason in the stage manifest and listed in `<stage>/skipped.parquet`. Rows are joined by
+`image_id`, never by position.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from maskdistill.rundir import RunDir, StageManifest
 from maskdistill.shards import (
     count_rows,
     finished_shards,
-    read_skipped,
+    iter_skipped,
     shard_ids,
     split_name,
     write_shard,
@@ -105,17 +106,24 @@ def run_sharded(run: RunDir, spec: ShardedMap, manifest: StageManifest) -> None:
         _process(run, spec, pending)
     manifest.inputs += sum(len(ids) for ids in shards)
     manifest.outputs += count_rows(run, spec.folder)
-    for entry in read_skipped(run, spec.folder):
+    for entry in iter_skipped(run, spec.folder):  # spilled to skipped.parquet, shard by shard
         manifest.skip(entry["image_id"], entry["reason"])
     name = split_name(spec.split)
     manifest.metrics[f"{name}_shards"] = len(shards)
     manifest.metrics[f"{name}_shards_reused"] = len(done)
 
 
+def shard_images(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """One shard's row -> a row per image (the driver holds a row per shard, not per image)."""
+    return [{"image_id": str(image_id), "shard": row["shard"]} for image_id in row["image_ids"]]
+
+
 def _process(run: RunDir, spec: ShardedMap, pending: dict[int, list[str]]) -> None:
-    items = [{"image_id": image_id, "shard": i} for i, ids in pending.items() for image_id in ids]
+    items = [{"shard": i, "image_ids": ids} for i, ids in pending.items()]
     outputs = (
         ray.data.from_items(items)
+        # fused with the decoding (same CPUs), so it waits for no CPU of its own
+        .flat_map(shard_images, num_cpus=DECODE_CPUS)
         .map_batches(
             decode,  # type: ignore[arg-type]  # Ray's stub wants a one-argument function
             fn_kwargs={"data": spec.data, "split": spec.split},
@@ -143,15 +151,15 @@ def _process(run: RunDir, spec: ShardedMap, pending: dict[int, list[str]]) -> No
         )
     # A batch redone after its actor or node died may deliver an image again: rows are kept
     # per shard by image_id, and a shard is written once each of its distinct images is back.
-    missing = {shard: set(ids) for shard, ids in pending.items()}
+    missing = {shard: len(ids) for shard, ids in pending.items()}  # images not back yet
     rows: dict[int, dict[str, dict[str, object]]] = defaultdict(dict)
     skipped: dict[int, dict[str, dict[str, str]]] = defaultdict(dict)
-    with Bar(f"{spec.desc}:{spec.split}", len(items), "img") as progress:
+    with Bar(f"{spec.desc}:{spec.split}", sum(missing.values()), "img") as progress:
         for out in outputs.iter_rows():
             shard, image_id = int(out["shard"]), str(out["image_id"])
-            if image_id not in missing.get(shard, ()):
+            if shard not in missing or image_id in rows[shard] or image_id in skipped[shard]:
                 continue  # a retried batch's duplicate; its shard may be written already
-            missing[shard].remove(image_id)
+            missing[shard] -= 1
             if out["reason"]:
                 skipped[shard][image_id] = {"image_id": image_id, "reason": str(out["reason"])}
             else:
@@ -163,7 +171,7 @@ def _process(run: RunDir, spec: ShardedMap, pending: dict[int, list[str]]) -> No
                 unreadable = list(skipped.pop(shard, {}).values())
                 write_shard(run, spec.folder, shard, done, unreadable, spec.schema)
     if missing:
-        lost = sum(len(ids) for ids in missing.values())
+        lost = sum(missing.values())
         raise RuntimeError(
             f"{spec.desc}:{spec.split}: {lost} images of shards {sorted(missing)} never came back"
         )

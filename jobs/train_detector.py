@@ -33,7 +33,8 @@ from maskdistill.detector import MaskTargets, collate, detector_losses, sync_bat
 from maskdistill.engine import build_scheduler, scaled_lr, trainable
 from maskdistill.inference import detector_from_config
 from maskdistill.loader import SampleBatches
-from maskdistill.outputs import detector_splits, num_classes, read_labeled
+from maskdistill.outputs import detector_splits, labeled_path, num_classes
+from maskdistill.rows import ShardedRows, repeated_ids, row_groups, windowed
 from maskdistill.rundir import RunDir, StageManifest
 from maskdistill.stages import DETECTOR
 
@@ -58,9 +59,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         momentum=det.momentum,
         weight_decay=det.weight_decay,
     )
-    samples = training_set(config, run)
-
-    plan = worker.plan(global_batch=det.batch_size, num_samples=len(samples))
+    images = SplitUnion(
+        {split: dataset_of(config.data, split) for split in detector_splits(config)}
+    )
+    samples = MaskTargets(loop_config["rows"], images, seed=config.seed)
+    plan = worker.plan(
+        global_batch=det.batch_size, num_samples=len(samples), window=det.shuffle_window
+    )
 
     def losses(model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         images, targets = batch
@@ -89,25 +94,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 TRAINING_COLUMNS = ("image_id", "height", "width", "mask_rle", "cluster")
 
 
-def training_set(config: ExperimentConfig, run: RunDir) -> MaskTargets:
+def training_rows(config: ExperimentConfig, run: RunDir) -> ShardedRows:
     """The clustered masks of every `detector.train_splits` split (A.4: VOC07+12 for PASCAL),
-    an image in several splits once (its first split's row)."""
-    splits = detector_splits(config)
-    rows: dict[str, dict[str, Any]] = {}
-    for split in splits:
-        for row in read_labeled(run, split).select(TRAINING_COLUMNS).to_pylist():
-            rows.setdefault(row["image_id"], row)
-    images = SplitUnion({split: dataset_of(config.data, split) for split in splits})
-    return MaskTargets(list(rows.values()), images, seed=config.seed)
+    an image in several splits once (its first split's row), read a row group at a time."""
+    groups = [row_groups([run.uri_of(*labeled_path(split))]) for split in detector_splits(config)]
+    drop: list[int] = []
+    offset = 0
+    for i, later in enumerate(groups):
+        drop += [offset + p for p in repeated_ids(groups[:i], later)]
+        offset += sum(g.rows for g in later)
+    flat = [g for split_groups in groups for g in split_groups]
+    return windowed(flat, TRAINING_COLUMNS, window=config.detector.shuffle_window, drop=drop)
 
 
 def fit(config: ExperimentConfig, manifest: StageManifest, hooks: Sequence[Any] = ()) -> None:
     """Run the TorchTrainer; export the final weights to `detector/model.pt`."""
     det = config.detector
     run = RunDir(config.run_dir)
-    losses = fit_stage(train_loop_per_worker, config, STAGE, det, hooks)
+    rows = training_rows(config, run)
+    losses = fit_stage(train_loop_per_worker, config, STAGE, det, hooks, {"rows": rows})
     export_weights(run, STAGE, num_classes=num_classes(run), arch=det.arch)
-    manifest.inputs = len(training_set(config, run))
+    manifest.inputs = len(rows)
     manifest.outputs = det.max_iters
     manifest.metrics.update(losses)
 

@@ -113,14 +113,16 @@ class Worker:
             hooks=loop_config.get("hooks", ()),
         )
 
-    def plan(self, *, global_batch: int, num_samples: int) -> BatchPlan:
-        """This rank's share of each iteration's global batch (a pure function: resumable)."""
+    def plan(self, *, global_batch: int, num_samples: int, window: int = 0) -> BatchPlan:
+        """This rank's share of each iteration's global batch (a pure function: resumable),
+        an epoch shuffled in windows of `window` rows (`engine.epoch_order`)."""
         return BatchPlan(
             rank=self.rank,
             world_size=self.world,
             batch_size=global_batch // self.world,
             num_samples=num_samples,
             seed=self.config.seed,
+            window=window,
         )
 
     def train(

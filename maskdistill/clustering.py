@@ -16,7 +16,7 @@ splits, serving) are labelled by `assign` in the same space.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -314,6 +314,39 @@ def assign(features: np.ndarray, result: KMeansResult) -> np.ndarray:
     _check_features(features, "features")
     labels, _ = _nearest(result.transform.apply(features), result.centroids)
     return labels
+
+
+def sample_positions(total: int, count: int | None, *, seed: int) -> np.ndarray:
+    """Sorted int64 positions of a uniform sample, without replacement, of `count` of `total`
+    rows (`clustering.fit_samples`); every row, in order, when `count` is None or >= `total`,
+    so the fit is then the paper's on all features. The same seed gives the same sample."""
+    if count is not None and count < 1:
+        raise ValueError(f"a sample needs at least one row, got count={count}")
+    if count is None or count >= total:
+        return np.arange(total, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(total, size=count, replace=False, shuffle=False)).astype(np.int64)
+
+
+def take_positions(
+    blocks: Iterable[tuple[int, Callable[[], np.ndarray]]], positions: np.ndarray
+) -> np.ndarray:
+    """The rows at sorted global `positions` of consecutive row blocks, in order: each block
+    is (its row count, a loader of its [n, D] rows), loaded only when a position falls in it
+    and dropped once its chosen rows are copied, so memory holds the sample and one block."""
+    chosen: list[np.ndarray] = []
+    start = 0
+    for count, load in blocks:
+        low, high = np.searchsorted(positions, (start, start + count))
+        if high > low:
+            rows = load()
+            if len(rows) != count:
+                raise ValueError(f"a block said it holds {count} rows but loaded {len(rows)}")
+            chosen.append(rows[positions[low:high] - start])
+        start += count
+    if len(positions) and (positions[-1] >= start or positions[0] < 0):
+        raise ValueError(f"positions reach {positions[-1]}, the blocks hold {start} rows")
+    return np.concatenate(chosen) if chosen else np.zeros((0, 0), dtype=np.float32)
 
 
 @dataclass(frozen=True)

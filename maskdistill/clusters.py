@@ -24,12 +24,13 @@ import numpy as np
 
 from maskdistill import storage
 from maskdistill.charts import k_sweep_chart
+from maskdistill.cluster_stream import fit_sample
 from maskdistill.clustering import KScore, choose_k, sweep_k
 from maskdistill.config import ClusteringConfig, ConfigError, ExperimentConfig
 from maskdistill.evaluate import MINED
 from maskdistill.gallery import write_cluster_gallery, write_distill_gallery
 from maskdistill.names import BACKGROUND, NamesError, initial_names, names_uri, read_class_map
-from maskdistill.outputs import METRICS_FILE, features_of, gallery_folder, read_mined
+from maskdistill.outputs import METRICS_FILE, gallery_folder
 from maskdistill.rundir import RunDir, check_run_dir, read_manifest
 from maskdistill.stages import CLUSTER, DISTILL, MINE
 from maskdistill.visualize import png_bytes
@@ -39,9 +40,12 @@ RULE = "the K with the highest mean silhouette (the smallest such K on a tie)"
 
 
 def fit_features(run: RunDir, config: ExperimentConfig) -> np.ndarray:
-    """The features K-means fits on: the support split's (Sec 4.1), else the train split's."""
-    split = config.clustering.support_split or config.data.train_split
-    return features_of(read_mined(run, split, ["feature"]))
+    """The features K-means fits on: the support split's (Sec 4.1), else the train split's;
+    the cluster stage's sample of at most `clustering.fit_samples` of them."""
+    clustering = config.clustering
+    split = clustering.support_split or config.data.train_split
+    sample, _ = fit_sample(run, split, fit_samples=clustering.fit_samples, seed=clustering.seed)
+    return sample
 
 
 def candidates(low: int, high: int, num_points: int) -> list[int]:

@@ -332,6 +332,13 @@ class ClusteringConfig(Section):
     iterations: Positive = 100
     seed: NonNegative = 0
     support_split: str | None = None
+    fit_samples: Positive | None = Field(
+        200_000,
+        description="transform, K sweep and K-means fit on a seeded uniform sample of at most "
+        "this many support features, then every feature is assigned; null: all (the paper). "
+        "200k keeps PASCAL (~10k) and COCO20k (82783 train2014) exact, 2x headroom; faiss "
+        "alone would take 256 per centroid; costs fit_samples x feature dim x 4 bytes",
+    )
 
     @field_validator("whiten", mode="before")
     @classmethod
@@ -372,6 +379,16 @@ class LRSchedule(Section):
     warmup_iters: NonNegative = 0
     milestones: list[NonNegative] = []
     gamma: Fraction = 0.1
+
+
+def _shuffle_window() -> Any:
+    return Field(
+        16_384,
+        description="an epoch visits windows of this many consecutive rows (sorted ids) in a "
+        "random order, each shuffled; a loader process caches one window's rows (segmenter: "
+        "~5 KB each at VOC size). At or above the split's size (PASCAL): one full shuffle; 0: "
+        "always one",
+    )
 
 
 class DetectorConfig(Section):
@@ -426,6 +443,7 @@ class DetectorConfig(Section):
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
     checkpoint_every: Positive = 1000
+    shuffle_window: NonNegative = _shuffle_window()
     precision: Precision = "bf16"
     resources: TrainingResources = TrainingResources()
 
@@ -489,6 +507,7 @@ class SegmenterConfig(Section):
         "evaluation set, i.e. on the test set: the evaluation marks its rows so",
     )
     checkpoint_every_epochs: Positive = 1
+    shuffle_window: NonNegative = _shuffle_window()
     precision: Precision = "bf16"
     resources: TrainingResources = TrainingResources()
 

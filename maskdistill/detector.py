@@ -32,6 +32,7 @@ from maskdistill.backbones import IMAGENET_MEAN, IMAGENET_STD
 from maskdistill.data.base import Dataset
 from maskdistill.detector_c4 import maskrcnn_resnet50_c4
 from maskdistill.masks import decode_rle, mask_to_box
+from maskdistill.rows import Rows
 from maskdistill.weights import INITS, freeze_batchnorm, load_moco
 
 C4 = "maskrcnn_resnet50_c4"
@@ -195,13 +196,13 @@ class MaskTargets(torch.utils.data.Dataset[tuple[Tensor, dict[str, Tensor]]]):
 
     def __init__(
         self,
-        rows: Sequence[Mapping[str, Any]],
+        rows: Rows,
         dataset: Dataset,
         *,
         hflip: bool = True,
         seed: int = 0,
     ) -> None:
-        self.rows = list(rows)
+        self.rows = rows  # a list, or `ShardedRows`: read a row group at a time
         self.dataset = dataset
         self.hflip = hflip
         self.seed = seed

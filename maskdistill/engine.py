@@ -9,6 +9,7 @@ callback (every rank), and the main rank flushes its JSON-lines log and TensorBo
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -61,16 +62,55 @@ def build_scheduler(
 
 
 def batch_indices(
-    iteration: int, *, rank: int, world_size: int, batch_size: int, num_samples: int, seed: int
+    iteration: int,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    num_samples: int,
+    seed: int,
+    window: int = 0,
 ) -> list[int]:
     """This rank's sample indices for `iteration`: a pure function, so a resumed run sees the
-    same batches. Each epoch is a permutation of the data split evenly across ranks."""
+    same batches. Each epoch is a permutation of the data split evenly across ranks; with a
+    `window` smaller than the data, a windowed one (`epoch_order`)."""
     per_step = batch_size * world_size
     steps_per_epoch = max(1, num_samples // per_step)
     epoch, step = divmod(iteration, steps_per_epoch)
-    order = np.random.default_rng((seed, epoch)).permutation(num_samples)
     start = step * per_step + rank * batch_size
-    return [int(order[(start + i) % num_samples]) for i in range(batch_size)]
+    return [
+        epoch_order(
+            (start + i) % num_samples,
+            num_samples=num_samples,
+            seed=seed,
+            epoch=epoch,
+            window=window,
+        )
+        for i in range(batch_size)
+    ]
+
+
+def epoch_order(k: int, *, num_samples: int, seed: int, epoch: int, window: int) -> int:
+    """The sample at place `k` of an epoch. Without a window (0, or >= num_samples) the epoch is
+    one permutation of the samples. With one, the samples are cut into windows of `window`
+    consecutive indices, visited in a random order, each permuted: every sample once per epoch,
+    and the memory (and a row-group reader's cache) is one window's, whatever the data's size."""
+    if window <= 0 or window >= num_samples:
+        return int(_permutation((seed, epoch), num_samples)[k])
+    count = -(-num_samples // window)
+    visit = _permutation((seed, epoch), count)
+    sizes = np.full(count, window, dtype=np.int64)
+    sizes[visit == count - 1] = num_samples - (count - 1) * window  # the last window is short
+    ends = np.cumsum(sizes)
+    slot = int(np.searchsorted(ends, k, side="right"))
+    chosen = int(visit[slot])
+    within = k - int(ends[slot] - sizes[slot])
+    return chosen * window + int(_permutation((seed, epoch, chosen), int(sizes[slot]))[within])
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(key: tuple[int, ...], size: int) -> np.ndarray:
+    return np.random.default_rng(key).permutation(size)
 
 
 @dataclass(frozen=True)
@@ -82,6 +122,7 @@ class BatchPlan:
     batch_size: int  # per rank
     num_samples: int
     seed: int
+    window: int = 0  # `epoch_order`'s shuffle window; 0: the whole data
 
     def indices(self, iteration: int) -> list[int]:
         return batch_indices(
@@ -91,6 +132,7 @@ class BatchPlan:
             batch_size=self.batch_size,
             num_samples=self.num_samples,
             seed=self.seed,
+            window=self.window,
         )
 
 

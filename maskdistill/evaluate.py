@@ -21,12 +21,20 @@ or 1 (`evaluation.mined_score`). The metrics themselves are in `maskdistill.eval
 (image | ground truth | prediction, with a legend) and `class_names.json` (the matched class of
 each segmenter label, which the HTTP service shows). Ray-free: `jobs/evaluate.py` runs it as one
 Ray task on a GPU worker.
+
+At any size a split is scored in shards of `mining.shard_size` sorted image ids (the mine parts'
+cut): each shard's rows of the cluster and distill tables are read alone (`RowsById`), scored
+into the summed confusion matrices and dropped; what stays per image is mask AP's compact
+record (RLE strings, classes, scores: COCO's AP ranks every detection of the split), and the
+skipped images leave the task shard by shard (`evaluate_stream`). The linear probe's memory is
+its feature cache, capped by `evaluation.probe_max_images`.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +46,7 @@ from maskdistill import crf, outputs, probe
 from maskdistill.config import CRFConfig, ExperimentConfig
 from maskdistill.console import PROGRESS_FILE, ProgressFile
 from maskdistill.data import dataset_of
-from maskdistill.data.base import IGNORE_INDEX, Sample, SkipLog
+from maskdistill.data.base import IGNORE_INDEX, Dataset, Sample, SkipLog
 from maskdistill.engine import CurveWriter
 from maskdistill.evaluation import (
     InstanceSet,
@@ -54,6 +62,7 @@ from maskdistill.loader import decoded
 from maskdistill.masks import decode_rle
 from maskdistill.pseudolabels import decode_label_map
 from maskdistill.release import default_class_names
+from maskdistill.rows_by_id import RowsById
 from maskdistill.rundir import RunDir
 from maskdistill.selection import read_selection
 from maskdistill.stages import EVALUATE, refine_wanted
@@ -77,6 +86,9 @@ SELF_TRAINED, CRF_EVAL, PROBE_CRF = (
     "linear probe (A.2) + CRF",
 )
 MASK_AP_SET = "mask AP images"  # {"split", "images"}: where Table 3's mask AP was measured
+MINED_COLUMNS = ("mask_rle", "cluster", "score")
+PSEUDO_COLUMNS = ("label_png", "candidate_rle", "candidate_class", "candidate_score")
+Rows = dict[str, dict[str, dict[str, Any]]]  # MINED / DETECTOR -> image id -> row
 
 
 def mined_label_map(row: dict[str, Any] | None, size: tuple[int, int]) -> np.ndarray:
@@ -200,11 +212,45 @@ def _chunks(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
         yield chunk
 
 
+@dataclass(frozen=True)
+class SplitTables:
+    """A split's clustered masks and pseudo labels, read one shard of image ids at a time."""
+
+    mined: RowsById
+    pseudo: RowsById
+
+    @classmethod
+    def of(cls, run: RunDir, split: str) -> SplitTables:
+        return cls(
+            outputs.labeled_by_id(run, split, MINED_COLUMNS),
+            outputs.pseudo_by_id(run, split, PSEUDO_COLUMNS),
+        )
+
+    def rows(self, image_ids: Sequence[str]) -> Rows:
+        """The shard's rows by image id, of each table."""
+        return {MINED: self.mined.rows(image_ids), DETECTOR: self.pseudo.rows(image_ids)}
+
+
+def split_shards(
+    config: ExperimentConfig, dataset: Dataset, skips: SkipLog
+) -> Iterator[tuple[list[str], Iterator[Sample]]]:
+    """The split's readable samples by shards of `mining.shard_size` sorted ids (the mine
+    parts' cut, so one row group of the cluster table each): (shard's ids, its samples), all
+    decoded ahead in one stream; a shard without readable images is left out."""
+    ids, size = sorted(dataset.image_ids()), config.mining.shard_size
+    starts = ids[::size]
+    workers = config.evaluation.resources.loader_workers
+    samples = decoded(dataset, ids, skips, workers=workers)
+    by_shard = itertools.groupby(samples, key=lambda s: bisect.bisect_right(starts, s.image_id))
+    for shard, members in by_shard:
+        yield ids[(shard - 1) * size : shard * size], members
+
+
 def score_batch(
     findings: Findings,
     segmenter: Segmenter,
     samples: Sequence[Sample],
-    tables: dict[str, dict[str, dict[str, Any]]],
+    tables: Rows,
     *,
     dense_crf: CRFConfig | None,
     linear_probe: nn.Conv2d | None = None,
@@ -276,8 +322,9 @@ def score_crf_rows(
         findings.add(PROBE_CRF, probed, sample.semantic, num_predicted=findings.num_classes)
 
 
-def _pairs(samples: Sequence[Sample]) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(s.image, s.semantic) for s in samples if s.semantic is not None]
+def _pairs(samples: Iterable[Sample]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(image, semantic) of the samples with semantic ground truth, as they are decoded."""
+    return ((s.image, s.semantic) for s in samples if s.semantic is not None)
 
 
 def _linear_probe(
@@ -287,15 +334,16 @@ def _linear_probe(
     bar: ProgressFile,
     tag: str = "probe",
 ) -> nn.Conv2d:
-    """A.2: a 1x1 conv on the frozen segmenter, trained on the labelled train split; its
-    curves under `tensorboard/<tag>`."""
+    """A.2: a 1x1 conv on the frozen segmenter, trained on the labelled train split (the
+    first `evaluation.probe_max_images`), streamed into the probe's feature cache (the images
+    are not kept); its curves under `tensorboard/<tag>`."""
     ev = config.evaluation
     train = dataset_of(config.data, config.data.train_split)
     train_ids = train.image_ids()[: ev.probe_max_images]
-    skips = SkipLog()
     workers = ev.resources.loader_workers
-    pairs = _pairs(labelled(decoded(train, train_ids, skips, workers=workers), skips))
-    if not pairs:
+    pairs = _pairs(decoded(train, train_ids, SkipLog(), workers=workers))
+    first = next(pairs, None)
+    if first is None:
         raise ValueError(f"linear probe: split {config.data.train_split!r} has no ground truth")
     curves = CurveWriter(RunDir(config.run_dir).uri_of(EVALUATE, "tensorboard", tag))
     bar.start(f"{EVALUATE}:{tag}", ev.probe_epochs, "epoch")
@@ -308,7 +356,7 @@ def _linear_probe(
     try:
         return probe.fit_linear_probe(
             segmenter.model,
-            pairs,
+            itertools.chain([first], pairs),
             num_classes=num_classes,
             epochs=ev.probe_epochs,
             batch_size=ev.probe_batch_size,
@@ -334,9 +382,24 @@ def _mask_ap(findings: Findings) -> dict[str, dict[str, float]]:
     return results
 
 
-def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, list[str]]:
+Result = tuple[dict[str, Any], Findings, list[str]]  # metrics, what was gathered, class names
+
+
+def evaluate_split(config: ExperimentConfig) -> Result:
     """Score every stage on the val split: (metrics, what was gathered, class names). How far
     it got is in `evaluate/progress.json` (the driver's bar)."""
+    steps = scored_shards(config)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            result: Result = end.value
+            return result
+
+
+def scored_shards(config: ExperimentConfig) -> Generator[Findings, None, Result]:
+    """`evaluate_split` one shard at a time: its findings after each shard of the val split
+    (then of the mask AP split), so their skips can leave as they come; returns its result."""
     ev, run, split = config.evaluation, RunDir(config.run_dir), config.data.val_split
     if split is None:
         raise ValueError("evaluation needs data.val_split: a split with ground truth")
@@ -344,10 +407,7 @@ def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, 
     class_names = ["background", *dataset.class_names]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     segmenter = Segmenter.load(run.uri, device=device, config=config, folder=SEGMENTER_STAGE)
-    tables = {
-        MINED: _rows_by_id(outputs.read_labeled(run, split)),
-        DETECTOR: _rows_by_id(outputs.read_pseudo(run, split)),
-    }
+    tables = SplitTables.of(run, split)
     ap_split = outputs.mask_ap_split(config)
     findings = Findings(
         segmenter.num_classes,
@@ -371,31 +431,33 @@ def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, 
     probe_crf = linear_probe if ev.crf else None
     if refined is not None and linear_probe is not None:
         probe_crf = _linear_probe(config, refined, len(class_names), bar, tag="probe_crf")
-    image_ids = dataset.image_ids()
-    bar.start(f"{EVALUATE}:{split}", len(image_ids), "img")
-    samples = decoded(dataset, image_ids, findings.skips, workers=ev.resources.loader_workers)
+    total = len(dataset.image_ids())
+    bar.start(f"{EVALUATE}:{split}", total, "img")
     done = 0
-    for chunk in _chunks(samples, ev.resources.batch_size):
-        batch = labelled(chunk, findings.skips)
-        score_batch(
-            findings,
-            segmenter,
-            batch,
-            tables,
-            dense_crf=config.crf if ev.crf else None,
-            linear_probe=linear_probe,
-        )
-        score_crf_rows(
-            findings,
-            refined or segmenter,
-            batch,
-            config.crf,
-            self_trained=refined is not None,
-            linear_probe=probe_crf,
-        )
-        done += len(chunk)
-        bar.update(done)
-    bar.update(len(image_ids), force=True)
+    for shard, samples in split_shards(config, dataset, findings.skips):
+        rows = tables.rows(shard)  # one shard's rows at a time, dropped with it
+        for chunk in _chunks(samples, ev.resources.batch_size):
+            batch = labelled(chunk, findings.skips)
+            score_batch(
+                findings,
+                segmenter,
+                batch,
+                rows,
+                dense_crf=config.crf if ev.crf else None,
+                linear_probe=linear_probe,
+            )
+            score_crf_rows(
+                findings,
+                refined or segmenter,
+                batch,
+                config.crf,
+                self_trained=refined is not None,
+                linear_probe=probe_crf,
+            )
+            done += len(chunk)
+            bar.update(done)
+        yield findings
+    bar.update(total, force=True)
     if SEGMENTER not in findings.confusion:
         raise ValueError(f"split {split!r}: no image with semantic ground truth to evaluate")
     metrics: dict[str, Any] = {
@@ -407,7 +469,7 @@ def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, 
         for row, confusion in findings.confusion.items()
     }
     if ev.mask_ap and ap_split is not None and ap_split != split:
-        gather_instances(config, findings, ap_split, bar)
+        yield from gather_instances(config, findings, ap_split, bar)
     if ev.mask_ap and findings.truth:
         metrics["mask AP"] = _mask_ap(findings)
         metrics[MASK_AP_SET] = {"split": ap_split, "images": len(findings.truth)}
@@ -416,27 +478,26 @@ def evaluate_split(config: ExperimentConfig) -> tuple[dict[str, Any], Findings, 
 
 def gather_instances(
     config: ExperimentConfig, findings: Findings, split: str, bar: ProgressFile
-) -> None:
+) -> Iterator[Findings]:
     """A.4, Table 3 on a split of its own (PASCAL: the 2913 trainval images): every image's
-    instances, mined mask and detector candidates; images without instances are skipped."""
-    run = RunDir(config.run_dir)
+    instances, mined mask and detector candidates, `findings` after each shard; images without
+    instances are skipped."""
     dataset = dataset_of(config.data, split)
-    mined = _rows_by_id(outputs.read_labeled(run, split))
-    pseudo = _rows_by_id(outputs.read_pseudo(run, split))
-    image_ids = dataset.image_ids()
-    bar.start(f"{EVALUATE}:{split}", len(image_ids), "img")
-    workers = config.evaluation.resources.loader_workers
-    samples = decoded(dataset, image_ids, findings.skips, workers=workers)
-    for done, sample in enumerate(samples, start=1):
-        image_id = sample.image_id
-        if not findings.add_instances(sample, mined.get(image_id), pseudo.get(image_id)):
-            findings.skips.add(image_id, f"no instance ground truth (mask AP on {split})")
-        bar.update(done)
-    bar.update(len(image_ids), force=True)
-
-
-def _rows_by_id(table: Any) -> dict[str, dict[str, Any]]:
-    return {row["image_id"]: row for row in table.to_pylist()}
+    tables = SplitTables.of(RunDir(config.run_dir), split)
+    total = len(dataset.image_ids())
+    bar.start(f"{EVALUATE}:{split}", total, "img")
+    done = 0
+    for shard, samples in split_shards(config, dataset, findings.skips):
+        rows = tables.rows(shard)
+        for sample in samples:
+            image_id = sample.image_id
+            mined, pseudo = rows[MINED].get(image_id), rows[DETECTOR].get(image_id)
+            if not findings.add_instances(sample, mined, pseudo):
+                findings.skips.add(image_id, f"no instance ground truth (mask AP on {split})")
+            done += 1
+            bar.update(done)
+        yield findings
+    bar.update(total, force=True)
 
 
 def _jsonable(scores: dict[str, Any]) -> dict[str, Any]:
@@ -546,11 +607,46 @@ def write_outputs(
     return "\n".join(report)
 
 
-def evaluate(config: ExperimentConfig) -> tuple[dict[str, Any], list[tuple[str, str]], int]:
-    """The whole stage's work on one worker: (metrics, skipped images, images scored)."""
-    metrics, findings, class_names = evaluate_split(config)
+@dataclass(frozen=True)
+class Evaluated:
+    """The last item of `evaluate_stream`: the metrics and the number of images scored."""
+
+    metrics: dict[str, Any]
+    scored: int
+
+
+Skips = list[tuple[str, str]]  # (image id, reason) of skipped images
+
+
+def evaluate_stream(config: ExperimentConfig) -> Iterator[Skips | Evaluated]:
+    """The whole stage's work on one worker as it goes: each shard's skipped images, so that no
+    list of a split's skips builds up, then `Evaluated` once the files are written."""
+    steps = scored_shards(config)
+    while True:
+        try:
+            findings = next(steps)
+        except StopIteration as end:
+            metrics, findings, class_names = end.value
+            break
+        yield _drained(findings.skips)
     if (selection := read_selection(RunDir(config.run_dir))) is not None:
         metrics[SELECTION] = selection  # segmenter.select: best_on_val, chosen on this split
     print(write_outputs(RunDir(config.run_dir), metrics, findings, class_names))
-    skipped = [(s.image_id, s.reason) for s in findings.skips.skipped]
-    return metrics, skipped, findings.scored
+    yield _drained(findings.skips)
+    yield Evaluated(metrics, findings.scored)
+
+
+def _drained(skips: SkipLog) -> Skips:
+    entries = [(s.image_id, s.reason) for s in skips.skipped]
+    skips.skipped.clear()
+    return entries
+
+
+def evaluate(config: ExperimentConfig) -> tuple[dict[str, Any], Skips, int]:
+    """`evaluate_stream` in this process, gathered: (metrics, skipped images, images scored)."""
+    skipped: Skips = []
+    for item in evaluate_stream(config):
+        if isinstance(item, Evaluated):
+            return item.metrics, skipped, item.scored
+        skipped += item
+    raise RuntimeError("evaluate_stream ended without its result")

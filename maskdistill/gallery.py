@@ -5,8 +5,9 @@ detector's most confident) and a few of its least typical, as one picture `clust
 plus a contact sheet (`sheet.png`, one row per cluster), an index page (`index.html`) and the
 choice itself (`gallery.json`). Three layers, each usable alone:
 
-- the choice (`iter_tiles`, `centroid_distances`, `kept_candidates`): pure functions of the
-  labels and distances (or scores), no images;
+- the choice (`iter_tiles`, `centroid_distances`, `kept_candidates`, `ClusterExtremes`): pure
+  functions of the labels and distances (or scores), no images; `ClusterExtremes` keeps only
+  each cluster's nearest and farthest masks of a stream, so the writers read one part at a time;
 - the drawing (`gallery_tile`, `cluster_picture`, `contact_sheet`, `index_html`): arrays in,
   arrays or text out;
 - the writers (`write_cluster_gallery`, `write_distill_gallery`): read a stage's output, load
@@ -30,10 +31,11 @@ from maskdistill.masks import decode_rle, mask_to_box, resize_nearest
 from maskdistill.outputs import (
     features_of,
     gallery_folder,
+    iter_labeled,
+    iter_parts,
     num_clusters,
+    pseudo_folder,
     read_kmeans,
-    read_labeled,
-    read_pseudo,
 )
 from maskdistill.pseudolabels import stored_kept
 from maskdistill.rundir import RunDir
@@ -44,6 +46,7 @@ from maskdistill.visualize import image_grid, outline, palette, png_bytes, tint
 TYPICAL = 12  # most typical masks per cluster picture
 COLUMNS = 6  # tiles per row of a cluster picture (the typical grid is 2 rows of 6)
 LEAST_TYPICAL = 4  # least typical masks per cluster picture, one row
+SPARE = 8  # extra masks kept per cluster and end of a streamed ranking, for unreadable images
 TILE = 96  # px, the side of a square tile in a cluster picture
 SHEET_TILES = 6  # typical tiles per row of the contact sheet
 SHEET_TILE = 64  # px, the side of a contact-sheet tile
@@ -56,6 +59,7 @@ LABEL_WIDTH = 132  # px, the label column of the contact sheet
 OUTSIDE = (200, 200, 200)  # fills the part of a tile's window that lies outside the image
 
 INDEX, SHEET, CHOICE = "index.html", "sheet.png", "gallery.json"
+REF_COLUMNS = ("image_id", "height", "width", "mask_rle")  # a cluster-stage MaskRef's columns
 
 
 # ---- the choice ------------------------------------------------------------------------------
@@ -98,6 +102,7 @@ def iter_tiles(
     typical: int = TYPICAL,
     least_typical: int = LEAST_TYPICAL,
     usable: Callable[[int], bool] | None = None,
+    sizes: np.ndarray | None = None,
 ) -> Iterator[ClusterTiles]:
     """Each cluster's most and least typical masks, one cluster at a time (cluster 0 first):
     smallest `rank` first (the distance to the centroid, or minus the detector score), ties by
@@ -108,7 +113,8 @@ def iter_tiles(
     `typical` masks shows each once and an empty one shows none. `usable(i)`, when given, is
     asked once for each mask about to be shown, in that order, only when its cluster is
     reached; a mask it refuses is skipped and the next one in the ranking takes its place.
-    Size and share count every mask.
+    Size and share count every mask, or are `sizes` (masks per cluster) when the masks are only
+    each cluster's extremes (`ClusterExtremes`).
     """
     labels = np.asarray(labels)
     rank = np.asarray(rank, dtype=np.float64)
@@ -126,8 +132,12 @@ def iter_tiles(
         raise ValueError(f"tile counts must be >= 0, got {typical} and {least_typical}")
     labels = labels.astype(np.int64, copy=False)
     order = np.lexsort((np.arange(len(labels)), rank, labels))  # by cluster, rank, index
-    sizes = np.bincount(labels, minlength=num_clusters)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
+    counts = np.bincount(labels, minlength=num_clusters)
+    if sizes is None:
+        sizes = counts
+    elif sizes.shape != (num_clusters,) or (sizes < counts).any():
+        raise ValueError(f"sizes {sizes.tolist()} must count at least the given masks per cluster")
+    starts = np.concatenate([[0], np.cumsum(counts)])
     return _clusters(order, sizes, starts, typical, least_typical, usable)
 
 
@@ -170,6 +180,50 @@ def _take(
         else:
             refused.append(i)
     return taken, examined, refused
+
+
+class ClusterExtremes:
+    """Each cluster's `near` lowest- and `far` highest-ranked masks of a stream of batches
+    (rank = `sign` x value, ties by arrival), and each cluster's size, in memory bounded by
+    K x (near + far) masks however long the stream. `iter_tiles(labels, sign * values, K,
+    sizes=sizes)` on them chooses as on every mask while at most near - typical (far -
+    least_typical) masks of a cluster are refused at its typical (least typical) end."""
+
+    def __init__(
+        self,
+        num_clusters: int,
+        *,
+        sign: float = 1.0,
+        near: int = TYPICAL + SPARE,
+        far: int = LEAST_TYPICAL + SPARE,
+    ) -> None:
+        if num_clusters < 1 or near < 0 or far < 0:
+            raise ValueError(f"need K >= 1 and near, far >= 0, got {num_clusters}, {near}, {far}")
+        self.num_clusters, self.sign, self.near, self.far = num_clusters, sign, near, far
+        self.sizes = np.zeros(num_clusters, dtype=np.int64)
+        self.masks: list[MaskRef] = []
+        self.labels = np.zeros(0, dtype=np.int64)
+        self.values = np.zeros(0, dtype=np.float64)
+
+    def add(self, masks: Sequence[MaskRef], labels: np.ndarray, values: np.ndarray) -> None:
+        """One batch: its masks, their clusters and values, in stream order."""
+        labels = np.asarray(labels, dtype=np.int64)
+        values = np.asarray(values, dtype=np.float64)
+        if labels.shape != (len(masks),) or values.shape != labels.shape:
+            raise ValueError(f"{len(masks)} masks, labels {labels.shape}, values {values.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_clusters):
+            raise ValueError(f"labels must lie in 0..{self.num_clusters - 1}")
+        self.sizes += np.bincount(labels, minlength=self.num_clusters)
+        labels = np.concatenate([self.labels, labels])
+        values = np.concatenate([self.values, values])
+        order = np.lexsort((np.arange(len(labels)), self.sign * values, labels))
+        ranked = labels[order]
+        counts = np.bincount(ranked, minlength=self.num_clusters)
+        place = np.arange(len(ranked)) - (np.cumsum(counts) - counts)[ranked]  # within cluster
+        keep = np.sort(order[(place < self.near) | (place >= counts[ranked] - self.far)])
+        everything = [*self.masks, *masks]  # kept ones first: stream order is list order
+        self.masks = [everything[i] for i in keep.tolist()]
+        self.labels, self.values = labels[keep], values[keep]
 
 
 @dataclass(frozen=True)
@@ -433,11 +487,14 @@ def write_gallery(
     values: np.ndarray,
     num_clusters: int,
     measure: Measure,
+    *,
+    sizes: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Choose each cluster's tiles by `measure` of `values`, draw them from `dataset` and write
     the gallery under `<stage>/gallery/`, replacing an earlier one; returns gallery.json's
     document. Only the shown masks' images are read; an unreadable one (or one whose size no
     longer matches its mask) is skipped, listed, and the next mask in the ranking shown instead.
+    `sizes`: masks per cluster when `masks` are only their extremes (`ClusterExtremes`).
     """
     folder = gallery_folder(stage)
     run.remove(folder)
@@ -471,8 +528,11 @@ def write_gallery(
             entry["candidate"] = masks[i].candidate
         return entry
 
-    total, entries, sheet = len(masks), [], []
-    for chosen in iter_tiles(labels, measure.sign * values, num_clusters, usable=usable):
+    total = len(masks) if sizes is None else int(sizes.sum())
+    entries: list[dict[str, Any]] = []
+    sheet: list[SheetRow] = []
+    ranks = measure.sign * values
+    for chosen in iter_tiles(labels, ranks, num_clusters, usable=usable, sizes=sizes):
         k, colour = chosen.cluster, cluster_colour(chosen.cluster)
         picture = None
         if chosen.typical or chosen.least_typical:
@@ -528,32 +588,27 @@ def write_cluster_gallery(
     config: ExperimentConfig, run: RunDir, split: str | None = None
 ) -> dict[str, Any]:
     """The cluster stage's gallery of `split` (default: train): typical = nearest the centroid,
-    from `cluster/<split>.parquet` and `cluster/kmeans.npz`."""
+    from `cluster/<split>.parquet` and `cluster/kmeans.npz`, read one row group at a time."""
     split = config.data.train_split if split is None else split
-    table = read_labeled(run, split)
     result = read_kmeans(run)
-    labels = table.column("cluster").to_numpy().astype(np.int64)
-    distances = (
-        centroid_distances(result.transform.apply(features_of(table)), result.centroids, labels)
-        if table.num_rows
-        else np.zeros(0)
-    )
-    columns = table.select(["image_id", "height", "width", "mask_rle"]).to_pydict()
-    masks = [
-        MaskRef(image_id, height, width, rle)
-        for image_id, height, width, rle in zip(*columns.values(), strict=True)
-    ]
+    extremes = ClusterExtremes(len(result.centroids), sign=DISTANCE.sign)
+    for table in iter_labeled(run, split, [*REF_COLUMNS, "feature", "cluster"]):
+        labels = table.column("cluster").to_numpy().astype(np.int64)
+        points = result.transform.apply(features_of(table))
+        distances = centroid_distances(points, result.centroids, labels)
+        columns = table.select(list(REF_COLUMNS)).to_pydict()
+        masks = [MaskRef(*row) for row in zip(*columns.values(), strict=True)]
+        extremes.add(masks, labels, distances)
     dataset = dataset_of(config.data, split)
-    return write_gallery(
-        run, CLUSTER, split, dataset, masks, labels, distances, len(result.centroids), DISTANCE
-    )
+    return _write_extremes(run, CLUSTER, split, dataset, extremes, DISTANCE)
 
 
 def write_distill_gallery(
     config: ExperimentConfig, run: RunDir, split: str | None = None
 ) -> dict[str, Any]:
     """The distill stage's gallery of `split` (default: train): its kept (confident) masks,
-    typical = the detector's highest scores, from `distill/<split>/part-*.parquet`."""
+    typical = the detector's highest scores, from `distill/<split>/part-*.parquet`, read one
+    part at a time."""
     split = config.data.train_split if split is None else split
     columns = (
         "image_id",
@@ -564,11 +619,35 @@ def write_distill_gallery(
         "candidate_score",
         "candidate_class",
     )
-    rows = read_pseudo(run, split, columns).to_pylist()
     labels = config.pseudo_labels
-    masks, classes, scores = kept_candidates(
-        rows, tau=labels.tau, keep_best_when_none=labels.keep_best_when_none
-    )
+    extremes = ClusterExtremes(num_clusters(run), sign=SCORE.sign)
+    for table in iter_parts(run, pseudo_folder(split), columns):
+        extremes.add(
+            *kept_candidates(
+                table.to_pylist(), tau=labels.tau, keep_best_when_none=labels.keep_best_when_none
+            )
+        )
     dataset = dataset_of(config.data, split)
-    clusters = num_clusters(run)
-    return write_gallery(run, DISTILL, split, dataset, masks, classes, scores, clusters, SCORE)
+    return _write_extremes(run, DISTILL, split, dataset, extremes, SCORE)
+
+
+def _write_extremes(
+    run: RunDir,
+    stage: str,
+    split: str,
+    dataset: Dataset,
+    extremes: ClusterExtremes,
+    measure: Measure,
+) -> dict[str, Any]:
+    return write_gallery(
+        run,
+        stage,
+        split,
+        dataset,
+        extremes.masks,
+        extremes.labels,
+        extremes.values,
+        extremes.num_clusters,
+        measure,
+        sizes=extremes.sizes,
+    )

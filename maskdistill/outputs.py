@@ -6,7 +6,8 @@ The one place drivers, benchmarks, `predict` and the service learn the layout of
     data/<split>.parquet              INDEX_SCHEMA: every readable image's size
     pretrain/backbone.pth             the teacher ViT in DINO's release format
     mine/<split>/part-NNNNN.parquet   MASK_SCHEMA: one mined object per image (Sec 3.2)
-    cluster/<split>.parquet           LABELED_SCHEMA: the mined rows plus their cluster
+    cluster/<split>.parquet           LABELED_SCHEMA: the mined rows plus their cluster, one
+                                      row group per mine part, in shard order
     cluster/kmeans.npz                centroids and feature transform
     cluster/gallery/cluster_NNN.png   a cluster's most and least typical train masks
     cluster/gallery/sheet.png         one row of typical masks per cluster, labelled
@@ -26,7 +27,7 @@ The one place drivers, benchmarks, `predict` and the service learn the layout of
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,8 +38,9 @@ import torch
 from maskdistill.clustering import FeatureTransform, KMeansResult
 from maskdistill.config import ExperimentConfig
 from maskdistill.names import ClassMap, read_class_map
+from maskdistill.rows_by_id import RowsById
 from maskdistill.rundir import RunDir, read_manifest
-from maskdistill.shards import read_parts, split_folder, split_name
+from maskdistill.shards import finished_shards, part_name, read_parts, split_folder, split_name
 from maskdistill.stages import (
     CLUSTER,
     DATA,
@@ -157,6 +159,41 @@ def read_mined(run: RunDir, split: str, columns: Sequence[str] | None = None) ->
     return read_parts(run, mined_folder(split), MASK_SCHEMA, columns)
 
 
+def mined_parts(run: RunDir, split: str) -> list[tuple[str, int]]:
+    """A split's finished mine parts in shard order: (file name, rows), the rows from each
+    Parquet footer alone (no data read)."""
+    folder = mined_folder(split)
+    names = [f"{part_name(i)}.parquet" for i in sorted(finished_shards(run, folder))]
+    return [(name, _footer(run, folder, name).num_rows) for name in names]
+
+
+def read_part(
+    run: RunDir, folder: str, name: str, columns: Sequence[str] | None = None
+) -> pa.Table:
+    """One part file `name` of a stage's `folder`, only `columns` if given."""
+    data = io.BytesIO(run.read_bytes(folder, name))
+    return pq.read_table(data, columns=None if columns is None else list(columns))
+
+
+def iter_mined(run: RunDir, split: str, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    """A split's mined masks one part at a time, in shard order (only `columns` if given)."""
+    return iter_parts(run, mined_folder(split), columns)
+
+
+def iter_parts(
+    run: RunDir, folder: str, columns: Sequence[str] | None = None
+) -> Iterator[pa.Table]:
+    """The finished parts of a stage's `folder` one at a time, in shard order: what
+    `read_parts` concatenates, with one part in memory."""
+    for i in sorted(finished_shards(run, folder)):
+        yield read_part(run, folder, f"{part_name(i)}.parquet", columns)
+
+
+def _footer(run: RunDir, *parts: str) -> pq.FileMetaData:
+    with run.fs.open_input_file(run.path(*parts)) as f:
+        return pq.read_metadata(f)
+
+
 def gallery_folder(stage: str) -> str:
     """Where a stage's cluster gallery lives (`maskdistill.gallery` writes it)."""
     return f"{stage}/gallery"
@@ -169,6 +206,22 @@ def labeled_path(split: str) -> tuple[str, str]:
 def read_labeled(run: RunDir, split: str) -> pa.Table:
     """A split's mined masks with their clusters."""
     return read_table(run, *labeled_path(split))
+
+
+def labeled_by_id(run: RunDir, split: str, columns: Sequence[str]) -> RowsById:
+    """A split's clustered masks looked up one shard of image ids at a time (`columns` only)."""
+    return RowsById([run.uri_of(*labeled_path(split))], columns)
+
+
+def iter_labeled(
+    run: RunDir, split: str, columns: Sequence[str] | None = None
+) -> Iterator[pa.Table]:
+    """A split's clustered masks one row group (at most one mine part) at a time, in order."""
+    with run.fs.open_input_file(run.path(*labeled_path(split))) as f:
+        parquet = pq.ParquetFile(f)
+        names = None if columns is None else list(columns)
+        for group in range(parquet.num_row_groups):
+            yield parquet.read_row_group(group, columns=names)
 
 
 def read_table(run: RunDir, *parts: str) -> pa.Table:
@@ -241,6 +294,13 @@ def pseudo_folder(split: str) -> str:
 def read_pseudo(run: RunDir, split: str, columns: Sequence[str] | None = None) -> pa.Table:
     """A split's pseudo-label rows (only `columns` if given)."""
     return read_parts(run, pseudo_folder(split), PSEUDO_SCHEMA, columns)
+
+
+def pseudo_by_id(run: RunDir, split: str, columns: Sequence[str]) -> RowsById:
+    """A split's pseudo labels looked up one shard of image ids at a time (`columns` only)."""
+    folder = pseudo_folder(split)
+    parts = [f"{part_name(i)}.parquet" for i in sorted(finished_shards(run, folder))]
+    return RowsById([run.uri_of(folder, name) for name in parts], columns)
 
 
 # CRF self-training (S1): the dense CRF's labels of the train split, in the segmenter's labels

@@ -8,16 +8,19 @@ and its predictions are class ids, scored with `segmentation_scores(matching="id
 
 Tuning notes: A.2's recipe (45 epochs, batch 24, SGD lr 0.1 momentum 0.9 wd 1e-4, lr / 10 after
 epoch 25) is the default; the paper saw no gain from training longer. Without augmentation
-(`crop_size=None`, the default) each image's features are computed once and cached on the CPU,
-so the 45 epochs cost about one forward pass of the segmenter over the train images; the cache
-holds 256 * (H/8) * (W/8) float32 per image (4 MiB for a 512 x 512 image at output stride 8),
-so cap the images (EvaluationConfig.probe_max_images) on large sets. With `crop_size`,
+(`crop_size=None`, the default) each image's features are computed once, as the images stream
+in, and cached on the CPU with its labels (uint8), the image itself dropped, so the 45 epochs
+cost about one forward pass of the segmenter over the train images; the cache holds
+256 * (H/8) * (W/8) float32 per image (4 MiB for a 512 x 512 image at output stride 8), the
+only memory that grows with the train images: cap them (EvaluationConfig.probe_max_images) on
+large sets. With `crop_size`,
 every epoch draws a fresh random crop and mirror per image and recomputes its features.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +52,7 @@ def probe_features(model: nn.Module, images: Tensor) -> Tensor:
 
 def fit_linear_probe(
     model: nn.Module,
-    samples: Sequence[tuple[np.ndarray, np.ndarray]],
+    samples: Iterable[tuple[np.ndarray, np.ndarray]],
     *,
     num_classes: int,
     epochs: int = 45,
@@ -63,7 +66,8 @@ def fit_linear_probe(
 ) -> nn.Conv2d:
     """Sec 4.1 (i), A.2: a 1x1 conv from the frozen features to `num_classes` ground-truth classes.
 
-    samples: (uint8 RGB [H, W, 3], int labels [H, W]) pairs, `ignore_index` where unlabelled.
+    samples: (uint8 RGB [H, W, 3], int labels [H, W]) pairs, `ignore_index` where unlabelled,
+    read once (an iterator will do: without crops only the features and labels are kept).
     The probe starts at zero (a convex problem: the seed only orders the batches and draws the
     crops), trains on the model's device and comes back there. Loss per batch: cross-entropy
     summed over its valid pixels, divided by their number, on logits upsampled bilinearly to each
@@ -72,10 +76,17 @@ def fit_linear_probe(
     and a coin-flip mirror per image and epoch. `progress(epoch, mean loss, lr)` after each epoch.
     The model itself is never changed.
     """
-    _check_training(samples, epochs, batch_size, lr, milestones, crop_size)
-    images, labels = _checked_samples(samples, num_classes, ignore_index)
+    _check_training(epochs, batch_size, lr, milestones, crop_size)
     device = _device(model)
     final = _deeplab_parts(model)[2]
+    checked = _checked(samples, num_classes, ignore_index)
+    if crop_size is None:
+        cached, labels = _cached_features(model, checked, batch_size, num_classes, ignore_index)
+        images: list[Tensor] = []
+    else:  # every epoch crops the images afresh: they stay
+        cached, (images, labels) = None, _normalised(checked)
+    if not labels:
+        raise ValueError("no samples to train the linear probe on")
     probe = nn.Conv2d(final.in_channels, num_classes, kernel_size=1).to(device)
     with torch.no_grad():
         for parameter in probe.parameters():
@@ -84,11 +95,10 @@ def fit_linear_probe(
         probe.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
     )
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma=LR_DECAY)
-    cached = None if crop_size is not None else _cached_features(model, images, batch_size)
     rng = np.random.default_rng(seed)
     for epoch in range(epochs):
         losses = []
-        order = rng.permutation(len(images))
+        order = rng.permutation(len(labels))
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size].tolist()
             if cached is None:
@@ -180,15 +190,12 @@ def _deeplab_parts(model: nn.Module) -> tuple[nn.Module, nn.Sequential, nn.Conv2
 
 
 def _check_training(
-    samples: Sequence[Sample],
     epochs: int,
     batch_size: int,
     lr: float,
     milestones: Sequence[int],
     crop_size: int | None,
 ) -> None:
-    if not samples:
-        raise ValueError("no samples to train the linear probe on")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs}, batch_size={batch_size}: both must be >= 1")
     if not lr > 0:
@@ -200,18 +207,16 @@ def _check_training(
         raise ValueError(f"crop_size={crop_size}: expected >= 1 or None")
 
 
-def _checked_samples(
-    samples: Sequence[Sample], num_classes: int, ignore_index: int
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Normalised images [3, H, W] and int64 labels [H, W]; ValueError naming the bad sample."""
+def _normalised(samples: Iterable[Sample]) -> tuple[list[Tensor], list[Tensor]]:
+    """Normalised images [3, H, W] and int64 labels [H, W] of checked samples."""
     images, labels = [], []
-    for image, label in _checked(samples, num_classes, ignore_index):
+    for image, label in samples:
         images.append(normalize(image))
         labels.append(torch.from_numpy(label.astype(np.int64)))
     return images, labels
 
 
-def _checked(samples: Sequence[Sample], num_classes: int, ignore_index: int) -> Iterator[Sample]:
+def _checked(samples: Iterable[Sample], num_classes: int, ignore_index: int) -> Iterator[Sample]:
     """Each (image, labels) pair once it is valid; ValueError naming the first bad one."""
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes}: expected >= 2")
@@ -246,13 +251,29 @@ def _same_shape_chunks(
             yield group[start : start + size]
 
 
-def _cached_features(model: nn.Module, images: list[Tensor], batch_size: int) -> list[Tensor]:
-    features: list[Tensor] = [torch.empty(0)] * len(images)
-    for chunk in _same_shape_chunks(images, list(range(len(images))), batch_size):
-        computed = probe_features(model, torch.stack([images[i] for i in chunk])).cpu()
-        for i, feature in zip(chunk, computed, strict=True):
-            features[i] = feature
-    return features
+def _cached_features(
+    model: nn.Module,
+    samples: Iterator[Sample],
+    batch_size: int,
+    num_classes: int,
+    ignore_index: int,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Each sample's features (CPU) and labels, `batch_size` images at a time as they come;
+    labels as uint8 where every value fits, the images not kept."""
+    compact = ignore_index in range(256) and num_classes <= 256
+    features: list[Tensor] = []
+    labels: list[Tensor] = []
+    while chunk := list(itertools.islice(samples, batch_size)):
+        images = [normalize(image) for image, _ in chunk]
+        start = len(features)
+        features += [torch.empty(0)] * len(chunk)
+        for group in _same_shape_chunks(images, list(range(len(chunk))), batch_size):
+            computed = probe_features(model, torch.stack([images[i] for i in group])).cpu()
+            for i, feature in zip(group, computed, strict=True):
+                features[start + i] = feature
+        for _, label in chunk:
+            labels.append(torch.from_numpy(label.astype(np.uint8 if compact else np.int64)))
+    return features, labels
 
 
 def _stacked(
@@ -262,7 +283,7 @@ def _stacked(
     return [
         (
             torch.stack([features[i] for i in chunk]).to(device),
-            torch.stack([labels[i] for i in chunk]).to(device),
+            torch.stack([labels[i] for i in chunk]).to(device).long(),
         )
         for chunk in _same_shape_chunks(labels, batch, len(batch))
     ]

@@ -6,10 +6,9 @@ import json
 import platform
 import subprocess
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +18,7 @@ import yaml
 
 from maskdistill import storage
 from maskdistill.config import ExperimentConfig, apply_override, validate_config
+from maskdistill.skips import SKIPPED_FILE, StageSkips, read_skipped_file
 
 MANIFEST = "manifest.json"
 ATTEMPT = "attempt.json"  # the fingerprint a stage's files under way belong to
@@ -126,7 +126,7 @@ class StageManifest:
     moved_aside: str | None = None  # where the stale output of another config was put
     inputs: int = 0
     outputs: int = 0
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped: StageSkips = field(default_factory=StageSkips)  # counts and a sample; the list: a file
     metrics: dict[str, float] = field(default_factory=dict)
     started_at: float = 0.0
     seconds: float = 0.0
@@ -134,25 +134,41 @@ class StageManifest:
     versions: dict[str, str] = field(default_factory=dict)
 
     def skip(self, image_id: str, reason: str) -> None:
-        self.skipped.append({"image_id": image_id, "reason": reason})
+        self.skipped.add(image_id, reason)
 
     @property
     def skip_counts(self) -> dict[str, int]:
         """Skipped inputs per reason, with file-specific details cut off after the first colon."""
-        return dict(Counter(s["reason"].split(":")[0] for s in self.skipped))
+        return self.skipped.counts
 
 
 def write_manifest(run: RunDir, manifest: StageManifest) -> str:
-    body = asdict(manifest) | {"skip_counts": manifest.skip_counts}
-    return run.write_json(body, manifest.stage, MANIFEST)
+    """`<stage>/skipped.parquet` (every skipped input, when there are any), then the manifest
+    that marks the stage done, with the skips' counts and sample."""
+    manifest.skipped.write(run.uri_of(manifest.stage, SKIPPED_FILE))
+    body = {f.name: getattr(manifest, f.name) for f in fields(manifest)}
+    return run.write_json(body | {"skipped": manifest.skipped.summary()}, manifest.stage, MANIFEST)
 
 
 def read_manifest(run: RunDir, stage: str) -> StageManifest | None:
+    """A finished stage's manifest (also one written before skipped.parquet, whose `skipped`
+    was the whole list), or None."""
     if not run.exists(stage, MANIFEST):
         return None
     body = run.read_json(stage, MANIFEST)
-    body.pop("skip_counts", None)
-    return StageManifest(**body)
+    body.pop("skip_counts", None)  # kept beside the whole list before skipped.parquet
+    return StageManifest(**body | {"skipped": StageSkips.from_record(body.get("skipped", []))})
+
+
+def read_skipped_list(run: RunDir, stage: str) -> list[dict[str, str]]:
+    """Every input a finished stage skipped, {image_id, reason} in the order it skipped them:
+    from `<stage>/skipped.parquet` (or an older manifest's own list)."""
+    if not run.exists(stage, MANIFEST):
+        raise FileNotFoundError(f"{run.uri_of(stage, MANIFEST)}: stage {stage!r} has not finished")
+    record = run.read_json(stage, MANIFEST).get("skipped", [])
+    if isinstance(record, list):
+        return list(record)
+    return read_skipped_file(run.uri_of(stage, SKIPPED_FILE)) if record["total"] else []
 
 
 def _records(run: RunDir, stage: str) -> dict[str, dict[str, Any]]:

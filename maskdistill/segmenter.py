@@ -9,8 +9,7 @@ applies MaskContrast's augmentations (A.3) to each image and its pseudo-label ma
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from maskdistill.backbones import to_model_input
 from maskdistill.data.base import IGNORE_INDEX, Dataset
 from maskdistill.pseudolabels import decode_label_map
+from maskdistill.rows import Rows
 from maskdistill.weights import INITS, freeze_batchnorm, load_moco
 
 BACKBONES = ("resnet50", "resnet18")
@@ -218,7 +218,7 @@ class SegmentationSamples(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
 
     def __init__(
         self,
-        rows: Sequence[Mapping[str, Any]],
+        rows: Rows,
         dataset: Dataset,
         *,
         crop_size: int,
@@ -237,7 +237,7 @@ class SegmentationSamples(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
             raise ValueError(f"scale_range={scale_range}: expected 0 < low <= high")
         if rotation_degrees < 0:
             raise ValueError(f"rotation_degrees={rotation_degrees}: expected >= 0")
-        self.rows = list(rows)
+        self.rows = rows  # a list, or `ShardedRows`: read a row group at a time
         self.dataset = dataset
         self.crop_size = crop_size
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))

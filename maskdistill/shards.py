@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from maskdistill.rows import row_groups
 from maskdistill.rundir import RunDir
 
 
@@ -52,12 +53,21 @@ def write_shard(
     skipped: Sequence[dict[str, str]],
     schema: pa.Schema,
 ) -> None:
-    """Write the shard's skip list, then its rows (by image_id): the part that marks it done."""
-    run.write_json(list(skipped), folder, f"{part_name(shard)}.skipped.json")
+    """Write the shard's skip list, then its rows (both by image_id): the part that marks it
+    done. A skip list holds at most a shard's images, so it stays JSON, readable as it is."""
+    entries = sorted(skipped, key=lambda e: e["image_id"])
+    run.write_json(entries, folder, f"{part_name(shard)}.skipped.json")
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: str(r["image_id"])), schema=schema)
     sink = io.BytesIO()
     pq.write_table(table, sink)
     run.write_bytes(sink.getvalue(), folder, f"{part_name(shard)}.parquet")
+
+
+def part_uris(run: RunDir, folder: str) -> list[str]:
+    """The finished parts of `folder`, in shard order, as URIs (or local paths)."""
+    return [
+        run.uri_of(folder, f"{part_name(i)}.parquet") for i in sorted(finished_shards(run, folder))
+    ]
 
 
 def read_parts(
@@ -79,16 +89,11 @@ def read_parts(
 
 def count_rows(run: RunDir, folder: str) -> int:
     """Rows in the finished parts of `folder`, from the Parquet footers alone."""
-    return sum(
-        pq.read_metadata(io.BytesIO(run.read_bytes(folder, f"{part_name(i)}.parquet"))).num_rows
-        for i in finished_shards(run, folder)
-    )
+    return sum(group.rows for group in row_groups(part_uris(run, folder)))
 
 
-def read_skipped(run: RunDir, folder: str) -> list[dict[str, str]]:
-    """The skip lists of every finished shard of `folder`."""
-    return [
-        entry
-        for i in sorted(finished_shards(run, folder))
-        for entry in json.loads(run.read_bytes(folder, f"{part_name(i)}.skipped.json"))
-    ]
+def iter_skipped(run: RunDir, folder: str) -> Iterator[dict[str, str]]:
+    """The skip lists of the finished shards of `folder`, in shard order, one shard's file
+    read at a time (a million-image split's skips are never one list)."""
+    for i in sorted(finished_shards(run, folder)):
+        yield from json.loads(run.read_bytes(folder, f"{part_name(i)}.skipped.json"))

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+WRITE_BUFFER = 1 << 20  # bytes gathered before each write: Parquet writes pages piecemeal
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -42,13 +47,31 @@ def read_bytes(uri: str) -> bytes:
         return bytes(f.read())
 
 
+def open_input(uri: str) -> pa.NativeFile:
+    """A random-access file at `uri` (Parquet footers and row groups are read by range)."""
+    filesystem, path = resolve(uri)
+    return filesystem.open_input_file(path)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write atomically: a reader sees the old file or the whole new one, never a part."""
+    with atomic_output(uri) as f:
+        f.write(data)
+
+
+@contextmanager
+def atomic_output(uri: str) -> Iterator[pa.NativeFile]:
+    """A stream to write `uri` piece by piece, atomically: it goes to a partial file beside
+    `uri`, moved over it when the block ends; deleted instead when the block raises."""
     filesystem, path = resolve(uri)
     filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
     partial = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-    with filesystem.open_output_stream(partial) as f:
-        f.write(data)
+    try:
+        with filesystem.open_output_stream(partial, buffer_size=WRITE_BUFFER) as f:
+            yield f
+    except BaseException:
+        filesystem.delete_file(partial)
+        raise
     filesystem.move(partial, path)
 
 

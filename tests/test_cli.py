@@ -7,7 +7,7 @@ from PIL import Image
 
 from maskdistill.cli import main
 from maskdistill.config import load_config
-from maskdistill.rundir import RunDir, read_manifest
+from maskdistill.rundir import RunDir, read_manifest, read_skipped_list
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 
@@ -66,8 +66,10 @@ def test_data_stage_counts_planted_bad_files(tmp_path: Path) -> None:
     manifest = read_manifest(RunDir(str(run_dir)), "data")
     assert manifest is not None
     assert (manifest.inputs, manifest.outputs) == (4, 2)
-    assert {s["image_id"] for s in manifest.skipped} == {"empty.jpg", "junk.png"}
+    assert {s["image_id"] for s in manifest.skipped.sample} == {"empty.jpg", "junk.png"}
     assert manifest.skip_counts["empty file"] == 1
+    listed = read_skipped_list(RunDir(str(run_dir)), "data")
+    assert [s["image_id"] for s in listed] == ["empty.jpg", "junk.png"]
 
 
 def test_bad_config_exits_2_naming_the_key(

@@ -1,3 +1,5 @@
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -17,8 +19,10 @@ from maskdistill.clustering import (
     object_view_native,
     object_views,
     resize_weights,
+    sample_positions,
     silhouette,
     sweep_k,
+    take_positions,
 )
 from maskdistill.data.synthetic import SyntheticScenes
 from maskdistill.masks import mask_to_box
@@ -413,3 +417,45 @@ def test_native_view_keeps_the_resolution_and_pads_with_the_mean(mode: str) -> N
         expected = torch.where(torch.from_numpy(mask), expected, 0.0)
     torch.testing.assert_close(view[:, :height, :width], expected)
     assert (view[:, height:] == 0).all() and (view[:, :, width:] == 0).all()
+
+
+# Fitting on a sample (clustering.fit_samples)
+
+
+def test_no_cap_or_a_cap_above_the_count_samples_every_row_in_order() -> None:
+    for count in (None, 5, 9):
+        np.testing.assert_array_equal(sample_positions(5, count, seed=3), np.arange(5))
+    with pytest.raises(ValueError, match="count=0"):
+        sample_positions(5, 0, seed=0)
+
+
+def test_the_sample_is_reproducible_sorted_distinct_and_uniform() -> None:
+    first = sample_positions(100_000, 20_000, seed=7)
+    np.testing.assert_array_equal(first, sample_positions(100_000, 20_000, seed=7))
+    assert not np.array_equal(first, sample_positions(100_000, 20_000, seed=8))
+    assert len(first) == 20_000 and (np.diff(first) > 0).all()  # sorted, no repeats
+    assert first[0] >= 0 and first[-1] < 100_000
+    # 10 equal bins expect 2000 each; the spread of a bin is sqrt(2000 * 0.9 * 0.8) ~ 38
+    bins = np.bincount(first // 10_000, minlength=10)
+    assert np.abs(bins - 2000).max() < 5 * 38, bins
+
+
+def test_take_positions_keeps_the_chosen_rows_and_loads_only_their_blocks() -> None:
+    rows = np.arange(9, dtype=np.float32)[:, None] * [1, 10]  # row i is (i, 10 i)
+    loaded: list[int] = []
+
+    def block(start: int, stop: int) -> tuple[int, Callable[[], np.ndarray]]:
+        def load() -> np.ndarray:
+            loaded.append(start)
+            return rows[start:stop]
+
+        return stop - start, load
+
+    blocks = [block(0, 3), block(3, 5), block(5, 9)]  # 3 + 2 + 4 rows
+    taken = take_positions(blocks, np.array([1, 5, 8]))
+    np.testing.assert_array_equal(taken, [[1, 10], [5, 50], [8, 80]])
+    assert loaded == [0, 5]  # rows 3-4 hold no chosen position: never read
+    with pytest.raises(ValueError, match="positions reach 9, the blocks hold 9 rows"):
+        take_positions(blocks, np.array([2, 9]))
+    with pytest.raises(ValueError, match="said it holds 3 rows but loaded 2"):
+        take_positions([(3, lambda: rows[:2])], np.array([0]))

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -18,6 +19,7 @@ from maskdistill.engine import (
     TrainSpec,
     batch_indices,
     build_scheduler,
+    epoch_order,
     lr_factor,
     scaled_lr,
     train,
@@ -51,6 +53,39 @@ def test_batch_indices_split_each_epoch_across_ranks() -> None:
     assert again == per_rank[1][1], "a pure function of the iteration"
     next_epoch = batch_indices(2, rank=0, world_size=2, batch_size=3, num_samples=12, seed=0)
     assert next_epoch != per_rank[0][0]
+
+
+def test_a_window_as_large_as_the_data_is_the_one_permutation() -> None:
+    whole = np.random.default_rng((3, 1)).permutation(10).tolist()
+    for window in (0, 10, 64):
+        order = [epoch_order(k, num_samples=10, seed=3, epoch=1, window=window) for k in range(10)]
+        assert order == whole
+
+
+@pytest.mark.parametrize(("num_samples", "window"), [(10, 3), (12, 4), (1000, 64), (65, 64)])
+def test_windowed_epochs_visit_every_sample_once_a_window_at_a_time(
+    num_samples: int, window: int
+) -> None:
+    order = [
+        epoch_order(k, num_samples=num_samples, seed=0, epoch=2, window=window)
+        for k in range(num_samples)
+    ]
+    assert sorted(order) == list(range(num_samples))
+    # the places run through whole windows: consecutive places share a window until it is spent
+    windows = [i // window for i in order]
+    runs = [w for i, w in enumerate(windows) if i == 0 or w != windows[i - 1]]
+    assert sorted(runs) == list(range(-(-num_samples // window))), "each window visited once"
+    other = [
+        epoch_order(k, num_samples=num_samples, seed=0, epoch=3, window=window)
+        for k in range(num_samples)
+    ]
+    assert other != order, "each epoch its own order"
+
+
+def test_batch_indices_with_a_window_split_each_epoch_across_ranks() -> None:
+    options = {"world_size": 2, "batch_size": 3, "num_samples": 12, "seed": 0, "window": 4}
+    epoch = sorted(i for it in (0, 1) for r in (0, 1) for i in batch_indices(it, rank=r, **options))
+    assert epoch == list(range(12))
 
 
 class _Boom(RuntimeError):

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from maskdistill import evaluate
+from maskdistill import evaluate, outputs
 from maskdistill.config import DataConfig, ExperimentConfig
 from maskdistill.data.base import Dataset, Sample, UnreadableImage
 from maskdistill.masks import encode_rle
@@ -96,10 +96,10 @@ def test_linear_probe_is_scored_in_the_single_pass_over_val(
     def counting(data: DataConfig, split: str) -> _CountingLoads:
         return _CountingLoads(real(data, split), loads[split], unreadable="val_000001")
 
-    no_rows = pa.table({"image_id": pa.array([], pa.string())})
+    # no mined masks, no pseudo labels (no distill parts)
+    run = RunDir(str(tmp_path))
+    outputs.write_table(run, outputs.LABELED_SCHEMA.empty_table(), *outputs.labeled_path("val"))
     monkeypatch.setattr(evaluate, "dataset_of", counting)
-    monkeypatch.setattr(evaluate.outputs, "read_labeled", lambda *args: no_rows)
-    monkeypatch.setattr(evaluate.outputs, "read_pseudo", lambda *args: no_rows)
 
     metrics, findings, class_names = evaluate.evaluate_split(config)
     assert list((tmp_path / "evaluate" / "tensorboard" / "probe").glob("events.out.tfevents.*"))
@@ -146,20 +146,16 @@ def test_mask_ap_on_a_split_of_its_own_with_mined_masks_scored_one(
         rle = encode_rle(sample.instance_masks[0])["counts"]
         size = {"height": 32, "width": 48}
         mined.append({"image_id": image_id, **size, "mask_rle": rle, "cluster": 0, "score": 0.25})
-    rows = {
-        "train": pa.Table.from_pylist(mined),
-        "val": pa.table({"image_id": pa.array([], pa.string())}),
-    }
-    no_candidates = pa.table({"image_id": pa.array([], pa.string())})
+    run = RunDir(str(tmp_path))
+    outputs.write_table(run, pa.Table.from_pylist(mined), *outputs.labeled_path("train"))
+    outputs.write_table(run, outputs.LABELED_SCHEMA.empty_table(), *outputs.labeled_path("val"))
     unreadable = train.image_ids()[1]
 
     def one_unreadable(data: DataConfig, split: str) -> Dataset:
         dataset = real(data, split)
         return _CountingLoads(dataset, Counter(), unreadable if split == "train" else "")
 
-    monkeypatch.setattr(evaluate, "dataset_of", one_unreadable)
-    monkeypatch.setattr(evaluate.outputs, "read_labeled", lambda run, split: rows[split])
-    monkeypatch.setattr(evaluate.outputs, "read_pseudo", lambda run, split: no_candidates)
+    monkeypatch.setattr(evaluate, "dataset_of", one_unreadable)  # no distill parts: no candidates
 
     metrics, findings, _ = evaluate.evaluate_split(config)
     readable = [i for i in train.image_ids() if i != unreadable]

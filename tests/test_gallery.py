@@ -19,6 +19,7 @@ from maskdistill.gallery import (
     TILE,
     TITLE_HEIGHT,
     TYPICAL,
+    ClusterExtremes,
     ClusterTiles,
     MaskRef,
     centroid_distances,
@@ -126,6 +127,41 @@ def _pseudo_row(image_id: str, scores: list[float], classes: list[int], kept: in
         "candidate_score": scores,
         "candidate_class": classes,
     }
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])  # distances (nearest first) or scores
+def test_streamed_extremes_choose_the_tiles_of_the_whole_ranking(sign: float) -> None:
+    rng = np.random.default_rng(3)
+    labels = np.array([0] * 300 + [1] * 30 + [2] * 5 + [3] * 0 + [0] * 100)  # 435 masks
+    rng.shuffle(labels)
+    values = rng.integers(0, 40, len(labels)).astype(float)  # many ties: broken by order
+    masks = [MaskRef(f"m{i:03d}", 4, 4, "16") for i in range(len(labels))]
+    refused = {int(i) for i in rng.choice(len(labels), 60, replace=False)}  # < SPARE a side
+    extremes = ClusterExtremes(4, sign=sign, near=TYPICAL + 8, far=LEAST_TYPICAL + 8)
+    for start in range(0, len(labels), 37):  # parts of 37 masks
+        part = slice(start, start + 37)
+        extremes.add(masks[part], labels[part], values[part])
+        assert len(extremes.masks) <= 4 * (TYPICAL + LEAST_TYPICAL + 16), "bounded in N"
+    assert extremes.sizes.tolist() == [400, 30, 5, 0]
+
+    def shown(
+        ids: list[MaskRef], lab: np.ndarray, val: np.ndarray, **options: Any
+    ) -> list[tuple[Any, ...]]:
+        def usable(i: int) -> bool:
+            return int(ids[i].image_id[1:]) not in refused
+
+        chosen = choose_tiles(lab, sign * val, 4, usable=usable, **options)
+        named = [
+            [ids[i].image_id for i in ix]
+            for c in chosen
+            for ix in (c.typical, c.least_typical, c.skipped)
+        ]
+        return [(c.size, c.share) for c in chosen] + named
+
+    whole = shown(masks, labels, values)
+    assert shown(extremes.masks, extremes.labels, extremes.values, sizes=extremes.sizes) == whole
+    with pytest.raises(ValueError, match="labels must lie in 0..3"):
+        extremes.add(masks[:1], np.array([4]), np.array([0.0]))
 
 
 def test_kept_candidates_are_the_confident_masks_most_confident_first() -> None:

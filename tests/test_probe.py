@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -149,6 +150,28 @@ def test_probing_leaves_the_segmenter_unchanged(
     for name, value in before.items():
         assert torch.equal(value, after[name]), name  # running statistics included
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_stream_of_samples_trains_the_same_probe_and_is_read_once(
+    model: nn.Module,
+    train: Samples,
+    fitted: tuple[nn.Conv2d, dict, list[tuple[int, float, float]]],
+) -> None:
+    # Without crops the pairs are consumed once, in batches, into the feature cache: a
+    # generator gives the probe the fixture fitted from the list (same epochs, batches, seed).
+    reads: list[int] = []
+
+    def stream() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for index, pair in enumerate(train):
+            reads.append(index)
+            yield pair
+
+    probe = fit_linear_probe(
+        model, stream(), num_classes=3, epochs=6, batch_size=3, milestones=(4,)
+    )
+    assert reads == list(range(len(train)))
+    torch.testing.assert_close(probe.weight, fitted[0].weight)
+    torch.testing.assert_close(probe.bias, fitted[0].bias)
 
 
 def test_random_crops_train_too(model: nn.Module, train: Samples) -> None:

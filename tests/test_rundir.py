@@ -11,6 +11,7 @@ from maskdistill.rundir import (
     execute,
     read_manifest,
     read_record,
+    read_skipped_list,
     stage_run,
     stage_state,
 )
@@ -61,7 +62,8 @@ def test_manifest_decides_done_partial_stale_missing(tmp_path: Path) -> None:
     assert (again.inputs, again.outputs) == (5, 3)
     assert (again.science, again.upstream) == (ABC.science, ABC.upstream)
     assert again.skip_counts == {"empty file": 2, "not a decodable image": 1}
-    assert run.read_json("mine", "manifest.json")["skip_counts"]["empty file"] == 2
+    assert run.read_json("mine", "manifest.json")["skipped"]["counts"]["empty file"] == 2
+    assert [s["image_id"] for s in read_skipped_list(run, "mine")] == ["img_1", "img_2", "img_3"]
     assert again.seconds >= 0 and "python" in again.versions
     assert read_record(run, "mine") == run.read_json("mine", "manifest.json")
 

@@ -10,10 +10,10 @@ from PIL import Image
 
 from jobs import cluster, mine
 from maskdistill import clusters, gallery
-from maskdistill.clustering import assign, fit_kmeans
+from maskdistill.clustering import assign, fit_kmeans, sample_positions
 from maskdistill.config import ExperimentConfig
 from maskdistill.data import dataset_of
-from maskdistill.outputs import features_of, read_kmeans, read_labeled, read_mined
+from maskdistill.outputs import features_of, mined_parts, read_kmeans, read_labeled, read_mined
 from maskdistill.rundir import RunDir, read_manifest
 from maskdistill.stages import fingerprint
 from tests.jobs.conftest import image_folder, tiny_config
@@ -208,3 +208,33 @@ def test_the_gallery_shows_each_clusters_masks_nearest_the_centroid_first(
     pictures = sorted(p.name for p in folder.glob("cluster_*.png"))
     assert pictures and all(f'href="{name}"' in index for name in pictures)
     assert (folder / "sheet.png").is_file()
+
+
+def test_a_sample_fit_labels_every_mask_one_row_group_per_mine_part(
+    mined: ExperimentConfig,
+) -> None:
+    sampled = mined.model_copy(
+        update={"clustering": mined.clustering.model_copy(update={"fit_samples": 8})}
+    )
+    assert fingerprint(sampled, "cluster") != fingerprint(mined, "cluster")
+    manifest = cluster.run_stage(sampled, force=True)
+    assert manifest is not None
+    assert (manifest.metrics["fit_objects"], manifest.metrics["support_objects"]) == (8, 12)
+    run = RunDir(mined.run_dir)
+    kmeans = read_kmeans(run)
+    train = features_of(read_mined(run, "train"))
+    expected = fit_kmeans(train[sample_positions(12, 8, seed=0)], 3, n_init=2, seed=0)
+    np.testing.assert_array_equal(kmeans.centroids, expected.centroids)
+    assert manifest.metrics["inertia"] == pytest.approx(expected.inertia)  # the sample's
+    for split in ("train", "val"):
+        parts = [rows for _, rows in mined_parts(run, split) if rows]
+        metadata = pq.read_metadata(Path(mined.run_dir) / "cluster" / f"{split}.parquet")
+        groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        assert groups == parts and max(parts) <= mined.mining.shard_size
+        table = read_labeled(run, split)
+        labels = table.column("cluster").to_numpy()
+        np.testing.assert_array_equal(labels, assign(features_of(table), kmeans))
+    sizes = [manifest.metrics[f"size_{k}"] for k in range(3)]
+    train_labels = read_labeled(run, "train").column("cluster").to_numpy()
+    assert sizes == np.bincount(train_labels, minlength=3).tolist()
+    cluster.run_stage(mined, force=True)  # back to the module's config

@@ -217,6 +217,6 @@ def test_a_node_lost_mid_stage_leaves_every_image_mined_once(
     assert manifest is not None
     total = _mined_once(config)
     assert total == 16
-    assert (manifest.inputs, manifest.outputs, manifest.skipped) == (total, total, [])
+    assert (manifest.inputs, manifest.outputs, len(manifest.skipped)) == (total, total, 0)
     written = read_manifest(run, mine.STAGE)
     assert written is not None and written.outputs == total

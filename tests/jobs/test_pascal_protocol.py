@@ -17,8 +17,11 @@ import pytest
 
 from jobs import mine, pipeline, repeat, train_detector
 from maskdistill.config import ExperimentConfig, load_config
+from maskdistill.data import dataset_of
+from maskdistill.data.union import SplitUnion
+from maskdistill.detector import MaskTargets
 from maskdistill.evaluate import MASK_AP_SET, evaluate_split
-from maskdistill.outputs import read_labeled, read_metrics, read_pseudo
+from maskdistill.outputs import detector_splits, read_labeled, read_metrics, read_pseudo
 from maskdistill.repeats import REPEATS, SUMMARY_JSON, SUMMARY_MD, scalar_metrics, seed_dir
 from maskdistill.rundir import RunDir, read_manifest
 from maskdistill.stages import needed
@@ -59,10 +62,11 @@ def test_the_config_is_the_papers_table3_protocol() -> None:
 
 def test_the_detector_trains_on_both_years(pascal_run: ExperimentConfig) -> None:
     run = RunDir(pascal_run.run_dir)
-    samples = train_detector.training_set(pascal_run, run)
+    rows = train_detector.training_rows(pascal_run, run)
     expected = sorted(TREE_TRAIN + TREE_AUG_ONLY) + TREE_VOC07
-    assert [row["image_id"] for row in samples.rows] == expected
-    image, target = samples.load(expected.index("000007"))
+    assert [rows.image_id(i) for i in range(len(rows))] == expected
+    images = SplitUnion({s: dataset_of(pascal_run.data, s) for s in detector_splits(pascal_run)})
+    image, target = MaskTargets(rows, images).load(expected.index("000007"))
     assert image.shape[1:] == (48, 64) and target["masks"].shape == (1, 48, 64)
     manifest = read_manifest(run, "detector")
     assert manifest is not None and manifest.inputs == len(expected)

@@ -9,9 +9,10 @@ import pytest
 from jobs import cluster, distill, mine, train_detector
 from maskdistill.config import ExperimentConfig
 from maskdistill.engine import MetricsLog, lr_factor, scaled_lr
-from maskdistill.outputs import read_pseudo
+from maskdistill.outputs import mined_folder, read_labeled, read_pseudo
 from maskdistill.pseudolabels import confident_masks, decode_label_map
 from maskdistill.rundir import RunDir, read_manifest, stage_state
+from maskdistill.shards import finished_shards
 from maskdistill.stages import fingerprint
 from tests.jobs.conftest import tiny_config
 from tests.jobs.training import fail_once_then_resume
@@ -50,6 +51,20 @@ def clustered(tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
     mine.run_stage(config, preview=0)
     cluster.run_stage(config)
     return config
+
+
+def test_the_detector_reads_its_masks_a_row_group_at_a_time(clustered: ExperimentConfig) -> None:
+    """Its workers get an index of the cluster file's row groups (one per mine part), not the
+    rows; with a window of 1 row a loader process caches at most 1 + 2 x 5 of the 12."""
+    run = RunDir(clustered.run_dir)
+    windowed = clustered.model_copy(deep=True)
+    windowed.detector.shuffle_window = 1
+    rows = train_detector.training_rows(windowed, run)
+    parts = len(finished_shards(run, mined_folder("train")))
+    assert parts == 3 and len(rows.groups) == parts  # 12 images, mining.shard_size 5
+    assert rows.cache_rows == 11 and len(rows) == 12
+    table = read_labeled(run, "train")
+    assert [rows[i] for i in range(12)] == table.select(rows.columns).to_pylist()
 
 
 def test_failed_worker_group_resumes_at_the_same_iteration_and_lr(

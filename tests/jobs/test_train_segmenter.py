@@ -20,9 +20,10 @@ from maskdistill import evaluate as tables
 from maskdistill.config import ExperimentConfig
 from maskdistill.engine import lr_factor, scaled_lr
 from maskdistill.inference import Segmenter
-from maskdistill.outputs import num_clusters, read_weights
+from maskdistill.outputs import num_clusters, pseudo_folder, read_pseudo, read_weights
 from maskdistill.rundir import RunDir, read_manifest
 from maskdistill.rundir import stage_state as state
+from maskdistill.shards import part_uris
 from maskdistill.stages import fingerprint, stage_hashes
 from tests.jobs.conftest import tiny_config
 from tests.jobs.test_train_detector import DETECTOR
@@ -43,6 +44,7 @@ SEGMENTER = (
     "segmenter.schedule={base_lr: 0.004, reference_batch: 4, milestones: [2]}",
     "segmenter.resources.loader_workers=1",
     "segmenter.resources.max_failures=1",
+    "pseudo_labels.shard_size=5",
 )
 
 
@@ -67,6 +69,16 @@ def distilled(tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
     train_detector.run_stage(config)
     distill.run_stage(config)
     return config
+
+
+def test_the_segmenter_reads_its_labels_a_part_at_a_time(distilled: ExperimentConfig) -> None:
+    """Its workers get an index of distill's parts (one row group each), not the label maps."""
+    run = RunDir(distilled.run_dir)
+    rows = segmenter_training.training_rows(distilled, run)
+    parts = part_uris(run, pseudo_folder("train"))
+    assert [g.uri for g in rows.groups] == parts and len(parts) > 1
+    table = read_pseudo(run, "train", ["image_id", "label_png"])
+    assert [rows[i] for i in range(len(rows))] == table.to_pylist()
 
 
 def test_segmenter_resumes_after_a_failure_with_the_same_lr(
