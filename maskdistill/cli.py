@@ -24,7 +24,7 @@ DRIVERS = {
     "train-segmenter": "jobs.train_segmenter",
     "refine": "jobs.refine",
     "pipeline": "jobs.pipeline",
-    "repeat": "jobs.repeat",
+    "repeat": "jobs.pipeline:repeat_main",
     "evaluate": "jobs.evaluate",
     "demo": "jobs.demo",
     "serve": "serve.app",
@@ -92,8 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return report(argv[1:])
     if argv and argv[0] in DRIVERS:
-        job = importlib.import_module(DRIVERS[argv[0]])
-        return int(job.main(argv[1:]))
+        module, _, entry = DRIVERS[argv[0]].partition(":")  # "module[:function]", else main
+        job = importlib.import_module(module)
+        return int(getattr(job, entry or "main")(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         if args.command == "status":

@@ -26,9 +26,9 @@ from maskdistill.outputs import (
     labeled_path,
     mined_folder,
     mined_parts,
-    read_part,
 )
 from maskdistill.rundir import RunDir
+from maskdistill.shards import read_part
 
 # features never repeat: a dictionary tried anew in every row group only grows the file (+40%)
 DICTIONARY = [name for name in LABELED_SCHEMA.names if name != "feature"]

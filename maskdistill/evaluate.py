@@ -65,6 +65,7 @@ from maskdistill.release import default_class_names
 from maskdistill.rows_by_id import RowsById
 from maskdistill.rundir import RunDir
 from maskdistill.selection import read_selection
+from maskdistill.shards import shard_ids
 from maskdistill.stages import EVALUATE, refine_wanted
 from maskdistill.stages import SEGMENTER as SEGMENTER_STAGE
 from maskdistill.visualize import labelled_overlays, png_bytes
@@ -237,13 +238,14 @@ def split_shards(
     """The split's readable samples by shards of `mining.shard_size` sorted ids (the mine
     parts' cut, so one row group of the cluster table each): (shard's ids, its samples), all
     decoded ahead in one stream; a shard without readable images is left out."""
-    ids, size = sorted(dataset.image_ids()), config.mining.shard_size
-    starts = ids[::size]
+    shards = shard_ids(dataset.image_ids(), config.mining.shard_size)
+    starts = [shard[0] for shard in shards]
     workers = config.evaluation.resources.loader_workers
-    samples = decoded(dataset, ids, skips, workers=workers)
+    ordered = [image_id for shard in shards for image_id in shard]
+    samples = decoded(dataset, ordered, skips, workers=workers)
     by_shard = itertools.groupby(samples, key=lambda s: bisect.bisect_right(starts, s.image_id))
     for shard, members in by_shard:
-        yield ids[(shard - 1) * size : shard * size], members
+        yield shards[shard - 1], members
 
 
 def score_batch(

@@ -32,14 +32,13 @@ from maskdistill.outputs import (
     features_of,
     gallery_folder,
     iter_labeled,
-    iter_parts,
     num_clusters,
     pseudo_folder,
     read_kmeans,
 )
 from maskdistill.pseudolabels import stored_kept
 from maskdistill.rundir import RunDir
-from maskdistill.shards import split_name
+from maskdistill.shards import iter_parts, split_name
 from maskdistill.stages import CLUSTER, DISTILL
 from maskdistill.visualize import image_grid, outline, palette, png_bytes, tint
 

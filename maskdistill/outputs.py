@@ -38,9 +38,16 @@ import torch
 from maskdistill.clustering import FeatureTransform, KMeansResult
 from maskdistill.config import ExperimentConfig
 from maskdistill.names import ClassMap, read_class_map
+from maskdistill.rows import row_groups
 from maskdistill.rows_by_id import RowsById
 from maskdistill.rundir import RunDir, read_manifest
-from maskdistill.shards import finished_shards, part_name, read_parts, split_folder, split_name
+from maskdistill.shards import (
+    iter_parts,
+    part_uris,
+    read_parts,
+    split_folder,
+    split_name,
+)
 from maskdistill.stages import (
     CLUSTER,
     DATA,
@@ -162,36 +169,15 @@ def read_mined(run: RunDir, split: str, columns: Sequence[str] | None = None) ->
 def mined_parts(run: RunDir, split: str) -> list[tuple[str, int]]:
     """A split's finished mine parts in shard order: (file name, rows), the rows from each
     Parquet footer alone (no data read)."""
-    folder = mined_folder(split)
-    names = [f"{part_name(i)}.parquet" for i in sorted(finished_shards(run, folder))]
-    return [(name, _footer(run, folder, name).num_rows) for name in names]
-
-
-def read_part(
-    run: RunDir, folder: str, name: str, columns: Sequence[str] | None = None
-) -> pa.Table:
-    """One part file `name` of a stage's `folder`, only `columns` if given."""
-    data = io.BytesIO(run.read_bytes(folder, name))
-    return pq.read_table(data, columns=None if columns is None else list(columns))
+    return [
+        (uri.rsplit("/", 1)[-1], sum(g.rows for g in row_groups([uri])))
+        for uri in part_uris(run, mined_folder(split))
+    ]
 
 
 def iter_mined(run: RunDir, split: str, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
     """A split's mined masks one part at a time, in shard order (only `columns` if given)."""
     return iter_parts(run, mined_folder(split), columns)
-
-
-def iter_parts(
-    run: RunDir, folder: str, columns: Sequence[str] | None = None
-) -> Iterator[pa.Table]:
-    """The finished parts of a stage's `folder` one at a time, in shard order: what
-    `read_parts` concatenates, with one part in memory."""
-    for i in sorted(finished_shards(run, folder)):
-        yield read_part(run, folder, f"{part_name(i)}.parquet", columns)
-
-
-def _footer(run: RunDir, *parts: str) -> pq.FileMetaData:
-    with run.fs.open_input_file(run.path(*parts)) as f:
-        return pq.read_metadata(f)
 
 
 def gallery_folder(stage: str) -> str:
@@ -298,9 +284,7 @@ def read_pseudo(run: RunDir, split: str, columns: Sequence[str] | None = None) -
 
 def pseudo_by_id(run: RunDir, split: str, columns: Sequence[str]) -> RowsById:
     """A split's pseudo labels looked up one shard of image ids at a time (`columns` only)."""
-    folder = pseudo_folder(split)
-    parts = [f"{part_name(i)}.parquet" for i in sorted(finished_shards(run, folder))]
-    return RowsById([run.uri_of(folder, name) for name in parts], columns)
+    return RowsById(part_uris(run, pseudo_folder(split)), columns)
 
 
 # CRF self-training (S1): the dense CRF's labels of the train split, in the segmenter's labels

@@ -5,7 +5,7 @@ the run's with `seed` and `clustering.seed` set to N. The stages up to mining (d
 the run's own, copied in once, so every seed clusters the same mined masks; the later stages
 (cluster, detector, distill, segmenter, ..., evaluate) run per seed. The summary holds the mean
 and the sample standard deviation (ddof=1) of every scalar in the seeds' `evaluate/metrics.json`.
-Ray-free: `jobs/repeat.py` runs the seeds.
+Ray-free: `jobs/pipeline.py` (`repeat_main`) runs the seeds.
 """
 
 from __future__ import annotations

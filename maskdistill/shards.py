@@ -70,6 +70,23 @@ def part_uris(run: RunDir, folder: str) -> list[str]:
     ]
 
 
+def read_part(
+    run: RunDir, folder: str, name: str, columns: Sequence[str] | None = None
+) -> pa.Table:
+    """One part file `name` of a stage's `folder`, only `columns` if given."""
+    data = io.BytesIO(run.read_bytes(folder, name))
+    return pq.read_table(data, columns=None if columns is None else list(columns))
+
+
+def iter_parts(
+    run: RunDir, folder: str, columns: Sequence[str] | None = None
+) -> Iterator[pa.Table]:
+    """The finished parts of `folder` one at a time, in shard order: what `read_parts`
+    concatenates, with one part in memory."""
+    for i in sorted(finished_shards(run, folder)):
+        yield read_part(run, folder, f"{part_name(i)}.parquet", columns)
+
+
 def read_parts(
     run: RunDir,
     folder: str,
@@ -77,14 +94,10 @@ def read_parts(
     columns: Sequence[str] | None = None,
 ) -> pa.Table:
     """All finished parts of `folder` as one table, in shard order (only `columns` if given)."""
-    names = None if columns is None else list(columns)
-    tables = [
-        pq.read_table(io.BytesIO(run.read_bytes(folder, f"{part_name(i)}.parquet")), columns=names)
-        for i in sorted(finished_shards(run, folder))
-    ]
+    tables = list(iter_parts(run, folder, columns))
     if tables:
         return pa.concat_tables(tables)
-    return schema.empty_table() if names is None else schema.empty_table().select(names)
+    return schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
 
 
 def count_rows(run: RunDir, folder: str) -> int:

@@ -34,7 +34,6 @@ class StageSkips:
     spill that `write` turns into the stage's Parquet file. `len()` is the total."""
 
     def __init__(self) -> None:
-        self.total = 0
         self.counts: dict[str, int] = {}
         self.sample: list[dict[str, str]] = []
         self._pending: list[dict[str, str]] = []
@@ -43,6 +42,10 @@ class StageSkips:
 
     def __len__(self) -> int:
         return self.total
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
     def __repr__(self) -> str:
         return f"StageSkips(total={self.total}, counts={self.counts})"
@@ -66,7 +69,6 @@ class StageSkips:
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if self.counts[kind] <= SAMPLE_PER_REASON:
             self.sample.append({"image_id": image_id, "reason": reason})
-        self.total += 1
 
     def _flush(self) -> None:
         if self._writer is None:
@@ -112,7 +114,7 @@ class StageSkips:
             for entry in record:
                 log._note(entry["image_id"], entry["reason"])
             return log
-        log.total, log.counts, log.sample = record["total"], record["counts"], record["sample"]
+        log.counts, log.sample = record["counts"], record["sample"]  # the total: their sum
         return log
 
 

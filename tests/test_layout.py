@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Shared Ray shells any driver may use; every other module of jobs/ is a stage's driver (or the
 # pipeline and demo, which run the drivers).
 SHARED = {"jobs.common", "jobs.training", "jobs.sharded", "jobs.segmenter_training"}
-RUNNERS = {"jobs.pipeline", "jobs.demo", "jobs.repeat"}  # they run the pipeline
+RUNNERS = {"jobs.pipeline", "jobs.demo"}  # they run the pipeline
 
 NO_RAY = """
 import importlib, importlib.abc, pkgutil, sys

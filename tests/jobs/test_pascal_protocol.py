@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from jobs import mine, pipeline, repeat, train_detector
+from jobs import mine, pipeline, train_detector
 from maskdistill.config import ExperimentConfig, load_config
 from maskdistill.data import dataset_of
 from maskdistill.data.union import SplitUnion
@@ -111,7 +111,7 @@ def test_repeat_runs_the_stages_after_mining_per_seed_and_summarizes(
     monkeypatch.setattr(mine, "mine_split", no_mining)
     run = RunDir(pascal_run.run_dir)
     mined = read_manifest(run, "mine")
-    assert repeat.main([run.uri, "--seeds", "1,2"]) == 0
+    assert pipeline.repeat_main([run.uri, "--seeds", "1,2"]) == 0
     summary = json.loads(run.read_bytes(REPEATS, SUMMARY_JSON))
     _summed(summary, [1, 2], run)
     assert summary["metrics"]["mask AP images / images"]["std"] == 0.0  # same 5 images each
@@ -128,12 +128,12 @@ def test_repeat_runs_the_stages_after_mining_per_seed_and_summarizes(
     assert read_manifest(run, "mine") == mined
     detectors = [read_manifest(RunDir(seed_dir(run.uri, s)), "detector") for s in (1, 2)]
     assert detectors[0] and detectors[1] and detectors[0].config_hash != detectors[1].config_hash
-    assert repeat.main([run.uri, "--seeds", "1,2"]) == 0  # resumable: both seeds reused
+    assert pipeline.repeat_main([run.uri, "--seeds", "1,2"]) == 0  # resumable: both seeds reused
     assert capsys.readouterr().out.count("finished, reused") == 2
 
 
 def test_repeat_refuses_a_run_without_finished_mining(tmp_path: Path, capsys: Any) -> None:
     config = load_config(CONFIG, [f"run_dir={tmp_path}", f"data.root={tmp_path}"])
     RunDir(config.run_dir).write_config(config)
-    assert repeat.main([str(tmp_path), "--seeds", "1"]) == 2
+    assert pipeline.repeat_main([str(tmp_path), "--seeds", "1"]) == 2
     assert "stage 'data' is not complete" in capsys.readouterr().err
